@@ -1,0 +1,149 @@
+"""Hydra entrypoints that refuse bad configs with one line instead of a traceback.
+
+Hydra reports a bad override as several lines plus a hint about HYDRA_FULL_ERROR. herd composes the
+config once up front with the same overrides, turns any failure into one line naming the key and what is
+allowed, and exits 2 before anything loads. Only then does `hydra.main` run the task (so `--cfg job`,
+`--multirun` and the rest of Hydra's command line keep working).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import hydra
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+
+from herd.config import ConfigError, HerdError, register_configs
+from herd.paths import REPO_ROOT
+
+CONF_DIR = REPO_ROOT / "conf"
+
+# Hydra flags that take a value, so that the value is not mistaken for an override.
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                     "--config-dir", "-cd", "--experimental-rerun"}
+
+
+def user_overrides(argv: list[str]) -> list[str]:
+    """The key=value / group=option overrides in argv, first value of each sweep, hydra.* left out.
+    A sweep without --multirun is refused here, in one line."""
+    multirun = "-m" in argv or "--multirun" in argv
+    overrides, skip_next = [], False
+    for arg in argv:
+        if skip_next:
+            skip_next = False
+        elif arg in _FLAGS_WITH_VALUE:
+            skip_next = True
+        elif not arg.startswith("-") and not arg.lstrip("+~").startswith(("hydra.", "hydra/")):
+            overrides.append(arg)
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    first_values = []
+    for override, text in zip(parsed, overrides):
+        if override.is_sweep_override():
+            if not multirun:
+                raise ConfigError(f"'{text}' is a sweep; add --multirun (-m) or quote the value")
+            first = next(iter(override.sweep_string_iterator()))
+            text = f"{override.get_key_element()}={first}"
+        first_values.append(text)
+    return first_values
+
+
+def _allowed_keys(config_name: str, full_key: str) -> str:
+    parent_key = full_key.rpartition(".")[0]
+    base = compose(config_name=config_name)
+    parent = OmegaConf.select(base, parent_key) if parent_key else base
+    if isinstance(parent, DictConfig):
+        return "allowed keys: " + ", ".join(str(k) for k in parent.keys())
+    return ""
+
+
+def describe_error(config_name: str, error: BaseException) -> str:
+    """One line: what is wrong and what is allowed."""
+    if isinstance(error, MissingConfigException) and error.options:
+        group, _, missing = (error.missing_cfg_file or "").rpartition("/")
+        return f"unknown option '{missing}' for '{group}'; allowed: {', '.join(sorted(error.options))}"
+    cause: BaseException = error
+    while cause.__cause__ is not None and not isinstance(cause, OmegaConfBaseException):
+        cause = cause.__cause__
+    if isinstance(cause, OmegaConfBaseException):
+        message = str(getattr(cause, "msg", cause)).splitlines()[0]
+        full_key = getattr(cause, "full_key", "") or ""
+        if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
+            return f"unknown key '{full_key}'; {_allowed_keys(config_name, full_key)}"
+        if isinstance(cause, MissingMandatoryValue):
+            return f"'{full_key}' must be set (e.g. {full_key}=...)"
+        return f"invalid value for '{full_key}': {message}"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(line for line in lines if "HYDRA_FULL_ERROR" not in line)
+
+
+def unknown_keys(node: Any, prefix: str = "") -> list[str]:
+    """Keys present in `node` that its dataclass schema does not declare (e.g. added with '+key=')."""
+    found = []
+    if isinstance(node, DictConfig):
+        schema = OmegaConf.get_type(node)
+        declared = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+        for key in node.keys():
+            full_key = f"{prefix}{key}"
+            if declared is not None and key not in declared:
+                found.append(full_key)
+            elif not OmegaConf.is_missing(node, key):
+                found += unknown_keys(node._get_node(key), f"{full_key}.")
+    return found
+
+
+def check_config(config_name: str, overrides: list[str]) -> DictConfig:
+    """Compose and fully resolve the config; raise ConfigError with a one-line reason."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        try:
+            cfg = compose(config_name=config_name, overrides=overrides)
+            # Resolve everything but Hydra's own ${now:...}/${hydra:...} interpolations now, so a
+            # missing mandatory value is refused here rather than deep inside a run.
+            OmegaConf.to_container(cfg, resolve=False, throw_on_missing=True)
+            extra = unknown_keys(cfg)
+            if extra:
+                raise ConfigError(f"unknown key '{extra[0]}'; {_allowed_keys(config_name, extra[0])}")
+        except ConfigError:
+            raise
+        except (HydraException, OmegaConfBaseException, ValueError) as error:
+            raise ConfigError(describe_error(config_name, error)) from None
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+def hydra_entry(config_name: str, task_path: str) -> Callable[[], None]:
+    """A `main()` for `python -m <entry>`: validate, then run `task_path` ("module:function") under
+    @hydra.main. The task is imported only once the config is known to be good."""
+
+    def main() -> None:
+        register_configs()
+        try:
+            check_config(config_name, user_overrides(sys.argv[1:]))
+        except (ConfigError, HydraException) as error:
+            print(f"herd: invalid config: {str(error).splitlines()[0]}", file=sys.stderr)
+            sys.exit(2)
+
+        def guarded_task(cfg: DictConfig) -> Any:
+            module, _, function = task_path.partition(":")
+            task: Callable[[DictConfig], Any] = getattr(importlib.import_module(module), function)
+            try:
+                return task(cfg)
+            except ConfigError as error:
+                print(f"herd: invalid config: {error}", file=sys.stderr)
+                sys.exit(2)
+            except HerdError as error:
+                print(f"herd: {error}", file=sys.stderr)
+                sys.exit(2)
+
+        hydra.main(version_base=None, config_path=str(CONF_DIR), config_name=config_name)(guarded_task)()
+
+    return main

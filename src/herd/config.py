@@ -1,0 +1,134 @@
+"""The typed schema of every herd config, registered with Hydra's ConfigStore.
+
+YAML files under conf/ hold values; these dataclasses hold the types, defaults and the one explanation of
+each knob. Because the primary configs start from these schemas (struct mode), an unknown key, a wrong type
+or a value outside an Enum is refused when Hydra composes the config, before anything loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class HerdError(ValueError):
+    """An error the user can fix; its message is the one line they see (no traceback)."""
+
+
+class ConfigError(HerdError):
+    """A config that composes but cannot run."""
+
+
+class DataError(HerdError):
+    """Data that cannot be used as configured (bad rows under bad_rows=error, an empty split, ...)."""
+
+
+class Quant(str, Enum):
+    nf4 = "nf4"  # 4-bit NormalFloat: the QLoRA paper's choice for normally distributed weights
+    fp4 = "fp4"
+    int8 = "int8"  # LLM.int8(); not usable with FSDP
+    none = "none"  # plain LoRA on a bf16/fp32 base
+
+
+class DataFormat(str, Enum):
+    messages = "messages"  # a column of [{"role", "content"}, ...]
+    guanaco = "guanaco"  # "### Human: ... ### Assistant: ..." text
+    llama2 = "llama2"  # "<s>[INST] ... [/INST] ... </s>" text (the guanaco-llama2-1k subset)
+
+
+class BadRows(str, Enum):
+    skip = "skip"  # drop them, print one summary line with counts by kind
+    error = "error"  # stop before training, naming the counts by kind
+
+
+class Precision(str, Enum):
+    auto = "auto"  # bf16 where the device supports it, else fp32 (CPU)
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # short name, used in run names and W&B
+    path: str = MISSING  # hub id (meta-llama/Llama-2-7b-hf) or a local directory
+    revision: Optional[str] = None  # hub revision (branch, tag or commit) to pin the weights
+    build_tiny: bool = False  # build herd's deterministic tiny Llama at `path` when it is absent
+    trust_remote_code: bool = False  # runs code from the model repo: off unless you trust it
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    chat_template: bool = True  # give the tokenizer herd's Llama-2 chat template when it has none
+
+
+@dataclass
+class PeftConfig:
+    quant: Quant = Quant.nf4
+    double_quant: bool = True  # quantizes the quantization constants too: ~0.4 bit/param saved
+    # dtype the 4-bit weights are dequantized to for matmuls; auto = the run's precision (bf16 on GPU,
+    # fp32 on CPU, where bf16 matmuls are emulated and slower without avx512_bf16)
+    compute_dtype: str = "auto"
+    # Storage dtype of packed 4-bit weights. FSDP/ZeRO-3 need it equal to the sharded param dtype.
+    quant_storage: str = "uint8"
+    r: int = 16  # LoRA rank: higher adds capacity and memory
+    alpha: int = 32  # LoRA scale is alpha / r
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # QLoRA: every linear layer
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    path: str = MISSING  # hub data set id, or a local .jsonl / .json / .parquet file
+    format: DataFormat = DataFormat.messages
+    field: str = "text"  # column holding the text (guanaco, llama2) or the message list (messages)
+    split: str = "train"  # split of a hub data set to read
+    system_prompt: Optional[str] = None  # added to conversations that have none
+    max_samples: Optional[int] = None  # seeded subset taken before the split (1000, 10000, ...)
+    eval_size: float = 0.05  # fraction (<1) or count (>=1) of samples held out for evaluation
+    max_seq_len: int = 1024  # tokens; longer conversations are bad rows ("too_long")
+    assistant_only_loss: bool = True  # loss on assistant tokens only; False trains on the whole text
+    bad_rows: BadRows = BadRows.skip
+    seed: int = 42  # for the subset and the split
+    cache_dir: str = ".herd/cache/tokenized"  # tokenized data, keyed by a fingerprint of inputs
+    num_proc: int = 1  # processes for tokenization
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = -1  # optimizer steps; -1 runs `epochs` epochs
+    epochs: float = 1.0
+    global_batch_size: int = 16  # sequences per optimizer step, over all processes
+    micro_batch_size: int = 4  # sequences per device per forward; accumulation is derived
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.3  # QLoRA paper's value
+    optimizer: str = "adamw_torch"  # any transformers optim name, e.g. paged_adamw_8bit on GPU
+    gradient_checkpointing: bool = True  # trades ~30% compute for activation memory
+    precision: Precision = Precision.auto
+    logging_steps: int = 5
+    eval_steps: int = 50
+    save_steps: int = 50
+    save_total_limit: int = 3  # checkpoints kept
+    eval_before_train: bool = True  # a baseline eval loss to compare against
+    seed: int = 42
+    dataloader_num_workers: int = 0
+
+
+@dataclass
+class TrainJob:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    peft: PeftConfig = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = MISSING  # the run directory: adapter, tokenizer, config, checkpoints, metrics
+    device: str = "auto"  # auto | cpu | cuda
+
+
+def register_configs() -> None:
+    """Make the schemas available to conf/*.yaml defaults lists; call before Hydra composes."""
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainJob)

@@ -1,0 +1,249 @@
+"""Conversations in, tokenized train/eval splits out: load, convert, validate, subset, split, tokenize, cache.
+
+Rows become message lists (herd.chat), are formatted in the Llama-2 chat format and tokenized once; labels
+keep only assistant tokens (answer and its `</s>`) unless `assistant_only_loss` is off. The result is cached
+on disk under a fingerprint of the data, the tokenizer and every setting that changes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import shutil
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from datasets import Dataset, load_dataset, load_from_disk
+
+from herd.chat import ConversationError, format_llama2, guanaco_to_messages, llama2_to_messages, validate_messages
+from herd.config import BadRows, DataConfig, DataError, DataFormat
+from herd.paths import resolve_path
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1  # bump when tokenization logic changes, so old caches are not reused
+LOCAL_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class DataReport:
+    rows: int = 0  # rows read
+    bad: dict[str, int] = field(default_factory=dict)  # bad rows by kind
+    train: int = 0
+    eval: int = 0
+    cache_hit: bool = False
+
+    def summary(self) -> str:
+        bad_total = sum(self.bad.values())
+        kinds = ", ".join(f"{kind}={count}" for kind, count in sorted(self.bad.items())) or "none"
+        return (
+            f"data: {self.rows} rows, {bad_total} bad skipped ({kinds}); "
+            f"{self.train} train / {self.eval} eval samples{' (cached)' if self.cache_hit else ''}"
+        )
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _is_local(path: str) -> bool:
+    return Path(path).suffix in LOCAL_SUFFIXES or Path(path).expanduser().is_absolute()
+
+
+def read_rows(data_cfg: DataConfig) -> tuple[list[dict], Counter]:
+    """Rows of a local file or hub data set, and a count of rows that are not valid JSON."""
+    bad: Counter = Counter()
+    if not _is_local(data_cfg.path):
+        dataset = load_dataset(data_cfg.path, split=data_cfg.split)
+        return dataset.to_list(), bad
+    path = resolve_path(data_cfg.path)
+    kind = LOCAL_SUFFIXES.get(path.suffix)
+    if kind is None:
+        raise DataError(f"data.path {path} has suffix '{path.suffix}'; allowed: {', '.join(LOCAL_SUFFIXES)}")
+    if kind == "parquet":
+        return Dataset.from_parquet(str(path)).to_list(), bad
+    if kind == "json":
+        try:
+            rows = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path} is not valid JSON: {error}") from None
+        if not isinstance(rows, list):
+            raise DataError(f"{path} must hold a JSON list of objects")
+        return rows, bad
+    rows = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            bad["invalid_json"] += 1
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad["invalid_json"] += 1
+    return rows, bad
+
+
+def row_to_messages(row: dict, data_cfg: DataConfig) -> list[dict]:
+    """One row as a validated message list; raises ConversationError naming the bad-row kind."""
+    if data_cfg.field not in row:
+        raise ConversationError("missing_field", f"row has no '{data_cfg.field}' field")
+    value = row[data_cfg.field]
+    if data_cfg.format == DataFormat.guanaco:
+        messages = guanaco_to_messages(value)
+    elif data_cfg.format == DataFormat.llama2:
+        messages = llama2_to_messages(value)
+    else:
+        if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
+            raise ConversationError("malformed", f"'{data_cfg.field}' is not a list of messages")
+        messages = [{"role": m.get("role"), "content": m.get("content")} for m in value]
+        validate_messages(messages)
+    if data_cfg.system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": data_cfg.system_prompt}, *messages]
+    return messages
+
+
+# ---------------------------------------------------------------- tokenizing
+
+
+def tokenize_conversations(
+    conversations: list[list[dict]], tokenizer, assistant_only_loss: bool
+) -> list[dict]:
+    """input_ids and labels (-100 outside assistant answers) for each conversation.
+
+    The whole formatted text is tokenized at once, exactly as `apply_chat_template` would produce it, and
+    the loss mask comes from character offsets, so training and generation see identical token ids.
+    """
+    formatted = [format_llama2(messages) for messages in conversations]
+    encoded = tokenizer(
+        [f.text for f in formatted], add_special_tokens=False, return_offsets_mapping=True
+    )
+    samples = []
+    for ids, offsets, fmt in zip(encoded["input_ids"], encoded["offset_mapping"], formatted):
+        if assistant_only_loss:
+            labels = [
+                token if any(start <= begin < end for start, end in fmt.answer_spans) else -100
+                for token, (begin, _) in zip(ids, offsets)
+            ]
+        else:
+            labels = list(ids)
+        samples.append({"input_ids": ids, "labels": labels})
+    return samples
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = [backend.to_str() if backend is not None else repr(tokenizer.get_vocab())]
+    parts += [str(tokenizer.chat_template), str(tokenizer.all_special_tokens)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def source_fingerprint(data_cfg: DataConfig) -> str:
+    if _is_local(data_cfg.path):
+        path = resolve_path(data_cfg.path)
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    # Hub data: datasets' own fingerprint of the downloaded files (changes when the revision does).
+    return load_dataset(data_cfg.path, split=data_cfg.split)._fingerprint
+
+
+def cache_key(data_cfg: DataConfig, tokenizer) -> str:
+    settings = {
+        k: (v.value if hasattr(v, "value") else v)
+        for k, v in asdict(data_cfg).items()
+        if k not in ("name", "cache_dir", "num_proc", "bad_rows")
+    }
+    payload = json.dumps(
+        {
+            "version": CACHE_FORMAT_VERSION,
+            "source": source_fingerprint(data_cfg),
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "settings": settings,
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+# ---------------------------------------------------------------- the pipeline
+
+
+def _eval_count(eval_size: float, total: int) -> int:
+    count = int(eval_size) if eval_size >= 1 else int(round(total * eval_size))
+    return min(max(count, 0), total - 1)
+
+
+def build_splits(data_cfg: DataConfig, tokenizer) -> tuple[Dataset, Dataset | None, DataReport]:
+    """Tokenize from scratch (no cache): the train and eval datasets and a report of what was dropped."""
+    rows, bad = read_rows(data_cfg)
+    report = DataReport(rows=len(rows) + sum(bad.values()))
+    conversations = []
+    for row in rows:
+        try:
+            conversations.append(row_to_messages(row, data_cfg))
+        except ConversationError as error:
+            bad[error.kind] += 1
+    random.Random(data_cfg.seed).shuffle(conversations)
+
+    wanted = data_cfg.max_samples or len(conversations)
+    samples: list[dict] = []
+    batch = 1000
+    for start in range(0, len(conversations), batch):
+        if len(samples) >= wanted:
+            break
+        for sample in tokenize_conversations(
+            conversations[start : start + batch], tokenizer, data_cfg.assistant_only_loss
+        ):
+            if len(sample["input_ids"]) > data_cfg.max_seq_len:
+                bad["too_long"] += 1
+            elif all(label == -100 for label in sample["labels"]):
+                bad["no_assistant"] += 1
+            else:
+                samples.append(sample)
+    samples = samples[:wanted]
+    report.bad = dict(bad)
+
+    if bad and data_cfg.bad_rows == BadRows.error:
+        kinds = ", ".join(f"{kind}={count}" for kind, count in sorted(bad.items()))
+        raise DataError(f"{sum(bad.values())} bad rows in {data_cfg.path} ({kinds}); "
+                        "fix them or set data.bad_rows=skip")
+    if len(samples) < 2:
+        raise DataError(f"{data_cfg.path}: only {len(samples)} usable samples after dropping bad rows")
+
+    n_eval = _eval_count(data_cfg.eval_size, len(samples))
+    eval_samples, train_samples = samples[:n_eval], samples[n_eval:]
+    report.train, report.eval = len(train_samples), len(eval_samples)
+    train = Dataset.from_list(train_samples)
+    return train, (Dataset.from_list(eval_samples) if eval_samples else None), report
+
+
+def _read_cache(cache: Path) -> tuple[Dataset, Dataset | None]:
+    evaluation = load_from_disk(str(cache / "eval")) if (cache / "eval").exists() else None
+    return load_from_disk(str(cache / "train")), evaluation
+
+
+def load_splits(data_cfg: DataConfig, tokenizer) -> tuple[Dataset, Dataset | None, DataReport]:
+    """Cached `build_splits`: the first call writes the cache, later calls with equal inputs reuse it."""
+    cache = resolve_path(data_cfg.cache_dir, must_exist=False) / cache_key(data_cfg, tokenizer)
+    if (cache / "report.json").exists():
+        log.info("reusing tokenized data from %s", cache)
+        report = DataReport(**json.loads((cache / "report.json").read_text()))
+        report.cache_hit = True
+        return (*_read_cache(cache), report)
+
+    train, evaluation, report = build_splits(data_cfg, tokenizer)
+    partial = cache.with_name(f"{cache.name}.partial-{random.getrandbits(32):08x}")
+    train.save_to_disk(str(partial / "train"))
+    if evaluation is not None:
+        evaluation.save_to_disk(str(partial / "eval"))
+    (partial / "report.json").write_text(json.dumps(asdict(report)))  # written last: marks completeness
+    try:
+        partial.rename(cache)  # atomic: a cache directory is complete or absent
+    except OSError:  # another process won the race; its copy is equal
+        shutil.rmtree(partial, ignore_errors=True)
+    log.info("tokenized data cached in %s", cache)
+    return (*_read_cache(cache), report)

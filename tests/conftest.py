@@ -1,0 +1,69 @@
+"""Shared fixtures: an offline, CPU-only environment and the tiny model built once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Before any HF import: nothing in the suite may reach the network or a GPU.
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+    "CUDA_VISIBLE_DEVICES": "",
+}
+os.environ.update(OFFLINE_ENV)
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """herd's deterministic tiny Llama, in the repo's .herd cache (built on first use, then reused)."""
+    from herd.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(REPO / ".herd" / "models" / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from herd.config import ModelConfig
+    from herd.modeling import load_tokenizer
+
+    return load_tokenizer(ModelConfig(name="tiny", path=str(tiny_model_dir)), str(tiny_model_dir))
+
+
+def run_module(module: str, *args: str, cwd: Path = REPO, timeout: int = 600, env: dict | None = None,
+               check: bool = True) -> subprocess.CompletedProcess:
+    """Run `python -m module args...` as a user would, from the repo root, offline."""
+    full_env = {**os.environ, **OFFLINE_ENV, **(env or {})}
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+        timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{module} {' '.join(args)} exited {result.returncode}:\n{result.stderr[-4000:]}")
+    return result
+
+
+# Small, fast training settings shared by the tests that train (2 CPU cores).
+FAST_TRAIN = [
+    "model=tiny", "data=sample", "peft=qlora", "train.global_batch_size=4", "train.micro_batch_size=4",
+    "train.learning_rate=3e-3", "train.warmup_ratio=0", "data.max_seq_len=256", "train.logging_steps=5",
+]

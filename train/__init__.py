@@ -1,0 +1,1 @@
+"""`python -m train`: QLoRA supervised fine-tuning (run from the repository root; not installed)."""
