@@ -67,3 +67,12 @@ FAST_TRAIN = [
     "model=tiny", "data=sample", "peft=qlora", "train.global_batch_size=4", "train.micro_batch_size=4",
     "train.learning_rate=3e-3", "train.warmup_ratio=0", "data.max_seq_len=256", "train.logging_steps=5",
 ]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """A finished tiny QLoRA training run (20 steps), shared by the tests that read a run directory."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    run_module("train", *FAST_TRAIN, "train.max_steps=20", "train.eval_steps=10", "train.save_steps=10",
+               f"output_dir={run_dir}")
+    return run_dir
