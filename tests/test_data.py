@@ -1,0 +1,126 @@
+"""Bad rows by kind, seeded subsets and splits, assistant-only labels, and the tokenization cache."""
+
+import json
+
+import pytest
+
+from herd.config import BadRows, DataConfig, DataError, DataFormat
+from herd.data import build_splits, load_splits, tokenize_conversations
+
+GOOD = "### Human: What is a loop? ### Assistant: A loop repeats a block of code."
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(row if isinstance(row, str) else json.dumps(row) for row in rows) + "\n")
+    return path
+
+
+def config(path, tmp_path, **overrides):
+    settings = dict(name="t", path=str(path), format=DataFormat.guanaco, field="text", eval_size=2,
+                    max_seq_len=128, cache_dir=str(tmp_path / "cache"))
+    settings.update(overrides)
+    return DataConfig(**settings)
+
+
+@pytest.fixture
+def messy_file(tmp_path):
+    rows = [{"text": GOOD} for _ in range(10)] + [
+        "{not json",
+        {"text": "### Human: no answer here"},
+        {"text": ""},
+        {"text": "### Assistant: first ### Human: second"},
+        {"text": "### Human: long ### Assistant: " + "word " * 400},
+        {"other": "field"},
+    ]
+    return write_jsonl(tmp_path / "messy.jsonl", rows)
+
+
+def test_bad_rows_are_counted_by_kind_and_skipped(messy_file, tmp_path, tiny_tokenizer):
+    train, evaluation, report = build_splits(config(messy_file, tmp_path), tiny_tokenizer)
+    assert report.bad == {"invalid_json": 1, "no_assistant": 1, "empty": 1, "roles_out_of_order": 1,
+                          "too_long": 1, "missing_field": 1}
+    assert report.rows == 16
+    assert (len(train), len(evaluation)) == (8, 2)
+    assert "6 bad skipped (empty=1, invalid_json=1, missing_field=1" in report.summary()
+
+
+def test_bad_rows_policy_error(messy_file, tmp_path, tiny_tokenizer):
+    with pytest.raises(DataError, match=r"6 bad rows in .*messy.jsonl \(empty=1, invalid_json=1"):
+        build_splits(config(messy_file, tmp_path, bad_rows=BadRows.error), tiny_tokenizer)
+
+
+def test_labels_cover_only_assistant_answers_and_eos(tiny_tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+                {"role": "assistant", "content": "Hello friend"}, {"role": "user", "content": "Bye"},
+                {"role": "assistant", "content": "Goodbye"}]
+    [sample] = tokenize_conversations([messages], tiny_tokenizer, assistant_only_loss=True)
+    assert sample["input_ids"] == tiny_tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]
+    kept = [t for t in sample["labels"] if t != -100]
+    assert kept.count(tiny_tokenizer.eos_token_id) == 2
+    assert tiny_tokenizer.decode(kept, skip_special_tokens=True).split() == ["Hello", "friend", "Goodbye"]
+    [full] = tokenize_conversations([messages], tiny_tokenizer, assistant_only_loss=False)
+    assert full["labels"] == full["input_ids"]
+
+
+def test_max_samples_is_a_seeded_subset_and_split(tmp_path, tiny_tokenizer):
+    from herd.sample_data import generate_guanaco_rows
+
+    path = write_jsonl(tmp_path / "rows.jsonl", generate_guanaco_rows(60))
+    first = build_splits(config(path, tmp_path, max_samples=20, eval_size=0.25), tiny_tokenizer)
+    again = build_splits(config(path, tmp_path, max_samples=20, eval_size=0.25), tiny_tokenizer)
+    other = build_splits(config(path, tmp_path, max_samples=20, eval_size=0.25, seed=7), tiny_tokenizer)
+    assert (len(first[0]), len(first[1])) == (15, 5)
+    assert first[0]["input_ids"] == again[0]["input_ids"] and first[1]["input_ids"] == again[1]["input_ids"]
+    assert first[0]["input_ids"] != other[0]["input_ids"]
+    assert not {tuple(x) for x in first[0]["input_ids"]} & {tuple(x) for x in first[1]["input_ids"]}
+
+
+@pytest.mark.parametrize("fmt, filename", [(DataFormat.guanaco, "guanaco_sample.jsonl"),
+                                           (DataFormat.llama2, "llama2_sample.jsonl")])
+def test_bundled_formats_load_cleanly(fmt, filename, tmp_path, tiny_tokenizer):
+    data = config(f"data/sample/{filename}", tmp_path, format=fmt, max_seq_len=1024, eval_size=0.1)
+    train, evaluation, report = build_splits(data, tiny_tokenizer)
+    assert report.bad == {} and len(train) + len(evaluation) == report.rows
+
+
+def test_messages_format_and_parquet(tmp_path, tiny_tokenizer):
+    from datasets import Dataset
+
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(6)]
+    Dataset.from_list(rows).to_parquet(str(tmp_path / "rows.parquet"))
+    data = config(tmp_path / "rows.parquet", tmp_path, format=DataFormat.messages, field="messages")
+    train, evaluation, report = build_splits(data, tiny_tokenizer)
+    assert (len(train), len(evaluation), report.bad) == (4, 2, {})
+
+
+def test_unknown_suffix_is_refused(tmp_path, tiny_tokenizer):
+    (tmp_path / "rows.csv").write_text("text\n")
+    with pytest.raises(DataError, match="suffix '.csv'; allowed: .jsonl, .json, .parquet"):
+        build_splits(config(tmp_path / "rows.csv", tmp_path), tiny_tokenizer)
+
+
+def test_tokenization_is_cached_and_reused(messy_file, tmp_path, tiny_tokenizer, monkeypatch):
+    data = config(messy_file, tmp_path)
+    train, _, report = load_splits(data, tiny_tokenizer)
+    assert not report.cache_hit
+    [cache] = [p for p in (tmp_path / "cache").iterdir()]
+
+    import herd.data
+
+    def must_not_tokenize(*args, **kwargs):
+        raise AssertionError("the second load tokenized again instead of reusing the cache")
+
+    monkeypatch.setattr(herd.data, "build_splits", must_not_tokenize)
+    again, _, report = load_splits(data, tiny_tokenizer)
+    assert report.cache_hit and report.bad == {"invalid_json": 1, "no_assistant": 1, "empty": 1,
+                                                 "roles_out_of_order": 1, "too_long": 1, "missing_field": 1}
+    assert again["input_ids"] == train["input_ids"]
+    assert [p for p in (tmp_path / "cache").iterdir()] == [cache]
+
+    # A setting that changes the tokens, or a changed file, gets a new cache entry.
+    monkeypatch.undo()
+    load_splits(config(messy_file, tmp_path, max_seq_len=64), tiny_tokenizer)
+    messy_file.write_text(messy_file.read_text() + json.dumps({"text": GOOD}) + "\n")
+    load_splits(data, tiny_tokenizer)
+    assert len(list((tmp_path / "cache").iterdir())) == 3
