@@ -26,6 +26,7 @@ register_configs()
         (["data=c4"], "unknown option 'c4' for 'data'; allowed: guanaco, guanaco-llama2-1k, jsonl, sample"),
         (["experiment=nope"], "unknown option 'nope' for 'experiment'"),
         (["data=jsonl"], "'data.path' must be set"),
+        (["strategy=zero4"], "unknown option 'zero4' for 'strategy'; allowed: ddp, fsdp, single, zero2, zero3"),
     ],
 )
 def test_refusals_name_the_key_and_what_is_allowed(overrides, expected):
@@ -54,7 +55,8 @@ def test_model_files_are_headed_by_command_and_hardware(model):
     head = (REPO / "conf" / "model" / f"{model}.yaml").read_text().splitlines()[:3]
     assert head[0].startswith(f"# python -m train model={model}")
     assert head[1].startswith("# Hardware:")
-    assert check_config("train", [f"model={model}"]).model.name == model
+    path = ["model.path=/models/any"] if model == "local" else []  # `local` has no default path
+    assert check_config("train", [f"model={model}", *path]).model.name == model
 
 
 def test_bad_override_exits_2_with_one_line_and_no_traceback():

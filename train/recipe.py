@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,11 +13,13 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from omegaconf import DictConfig, OmegaConf
-from transformers import TrainerCallback
+from transformers import TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from herd import rundir
-from herd.config import ConfigError, TrainJob
+from herd import rundir, strategy
+from herd.checkpoints import CompleteMarker, DebugFaults, last_complete_checkpoint
+from herd.config import ConfigError, Strategy, TrainJob
+from herd.manifest import MANIFEST, build_manifest
 from herd.data import load_splits
 from herd.modeling import (
     add_lora,
@@ -47,6 +51,18 @@ def gradient_accumulation(job: TrainJob, world_size: int) -> int:
             f"use a multiple of {per_step}"
         )
     return job.train.global_batch_size // per_step
+
+
+class WrappedModelProbe(TrainerCallback):
+    """Records what the model was wrapped in while training (DistributedDataParallel, DeepSpeedEngine,
+    FSDP ...): the trainer unwraps it again when training ends."""
+
+    def __init__(self, trainer) -> None:
+        self.trainer = trainer
+        trainer.wrapped_model_seen = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.wrapped_model_seen = type(self.trainer.model_wrapped).__name__
 
 
 class EvalSummary(TrainerCallback):
@@ -101,18 +117,44 @@ def training_arguments(job: TrainJob, run_dir: Path, device: str, dtype: torch.d
         max_length=job.data.max_seq_len,
         report_to="none",
         disable_tqdm=False,
+        ddp_find_unused_parameters=False,  # LoRA: every trainable parameter is used in every step
+        **strategy.trainer_kwargs(job, dtype),
     )
+
+
+def distributed_facts(trainer, state: PartialState) -> dict:
+    """What really ran, for the manifest and the tests: accelerate can fall back silently."""
+    accelerator = trainer.accelerator
+    facts = {
+        "distributed_type": str(accelerator.distributed_type).rpartition(".")[2],
+        "num_processes": state.num_processes,
+        "wrapped_model": trainer.wrapped_model_seen,
+    }
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        facts["zero_stage"] = plugin.zero_stage
+    if facts["distributed_type"] == "FSDP":
+        from torch.distributed.tensor import DTensor
+
+        facts["sharded_parameters"] = sum(isinstance(p, DTensor) for p in trainer.model.parameters())
+    return facts
 
 
 def run(cfg: DictConfig) -> RunResult:
     job: TrainJob = OmegaConf.to_object(cfg)
-    state = PartialState()
-    accumulation = gradient_accumulation(job, state.num_processes)
     device = resolve_device(job.device)
     dtype = resolve_precision(job.train.precision, device)
+    strategy.check_compatibility(job, int(os.environ.get("WORLD_SIZE", "1")), dtype, device)
+    strategy.prepare_launch(device)
+    state = PartialState(cpu=device == "cpu")
+    accumulation = gradient_accumulation(job, state.num_processes)
     run_dir = Path(job.output_dir).resolve()
+    resume_from = last_complete_checkpoint(run_dir) if run_dir.exists() else None
     if state.is_main_process:
         rundir.write_config(run_dir, cfg)
+        print(f"herd: run directory {run_dir}; strategy {job.strategy.name.value}, {state.num_processes} "
+              f"process(es), {device}" + (f"; resuming from {resume_from.name}" if resume_from else ""),
+              flush=True)
 
     location = model_location(job.model)
     tokenizer = load_tokenizer(job.model, location)
@@ -121,28 +163,52 @@ def run(cfg: DictConfig) -> RunResult:
     if state.is_main_process:
         print(report.summary(), flush=True)
 
-    model = load_base_model(job.model, job.peft, device, dtype, location)
-    model = add_lora(model, job.peft, job.train.gradient_checkpointing)
+    # The arguments come before the model: under ZeRO-3 they switch on sharded loading (zero.Init).
+    args = training_arguments(job, run_dir, device, dtype, accumulation, eval_data is not None)
+    placement = None if job.strategy.name in strategy.SHARDED else (
+        f"cuda:{state.local_process_index}" if device == "cuda" else "cpu")
+    peft_cfg = dataclasses.replace(job.peft, quant_storage=strategy.quant_storage(job, dtype))
+    set_seed(job.train.seed)  # LoRA's A matrices are drawn at creation, before the trainer seeds anything
+    model = load_base_model(job.model, peft_cfg, placement, dtype, location)
+    model = add_lora(model, peft_cfg, job.train.gradient_checkpointing)
 
     trainer = SFTTrainer(
         model=model,
-        args=training_arguments(job, run_dir, device, dtype, accumulation, eval_data is not None),
+        args=args,
         train_dataset=train_data,
         eval_dataset=eval_data,
         processing_class=tokenizer,
-        callbacks=[EvalSummary()],
+        callbacks=[EvalSummary(), CompleteMarker(run_dir, state), DebugFaults()],
     )
-    before = trainer.evaluate()["eval_loss"] if eval_data is not None and job.train.eval_before_train else None
-    trainer.train()
+    trainer.add_callback(WrappedModelProbe(trainer))
+    if job.strategy.name not in strategy.SHARDED:
+        # TRL casts QLoRA adapters to bf16, but a resumed run reloads them from the checkpoint in fp32:
+        # the two would train differently. Keep LoRA weights in fp32 throughout (PEFT's own default);
+        # autocast still runs the matmuls in the compute dtype. FSDP needs one dtype, so it keeps TRL's.
+        for parameter in trainer.model.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
+    if state.is_main_process:
+        rundir.write_json(run_dir / MANIFEST, build_manifest(
+            rundir.resolved_config(cfg), state.num_processes, job.strategy.name.value,
+            str(trainer.accelerator.distributed_type).rpartition(".")[2]))
+    # DeepSpeed evaluates only through ZeRO-3 before the engine exists ("ZeRO inference only makes sense
+    # with ZeRO Stage 3"), so ZeRO-2 runs skip the baseline evaluation.
+    evaluate_first = (eval_data is not None and job.train.eval_before_train and resume_from is None
+                      and job.strategy.name != Strategy.zero2)
+    before = trainer.evaluate()["eval_loss"] if evaluate_first else None
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     after = trainer.evaluate()["eval_loss"] if eval_data is not None else None
 
     adapter_dir = run_dir / rundir.ADAPTER_DIR
     trainer.save_model(str(adapter_dir))
+    facts = distributed_facts(trainer, state)
     if state.is_main_process:
         tokenizer.save_pretrained(str(adapter_dir))
         rundir.write_json(run_dir / rundir.METRICS, {
             "eval_loss_before": before, "eval_loss_after": after, "global_step": trainer.state.global_step,
-            "data": report.summary(),
+            "final_train_loss": last_train_loss(trainer), "resumed_from": resume_from.name if resume_from else None,
+            "data": report.summary(), "distributed": facts,
         })
         rundir.write_json(run_dir / rundir.RUN_INFO, {
             "base_model": location, "model": OmegaConf.to_container(cfg.model, enum_to_str=True),
@@ -151,4 +217,10 @@ def run(cfg: DictConfig) -> RunResult:
         })
         print(f"eval loss {before} -> {after}" if before is not None else f"eval loss {after}")
         print(f"adapter: {adapter_dir}\nrun directory: {run_dir}", flush=True)
+    state.wait_for_everyone()
     return RunResult(run_dir, adapter_dir, before, after)
+
+
+def last_train_loss(trainer) -> float | None:
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return losses[-1] if losses else None

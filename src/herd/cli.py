@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 from herd.config import ConfigError, HerdError, register_configs
+from herd.dist import ensure_run_id
 from herd.paths import REPO_ROOT
 
 CONF_DIR = REPO_ROOT / "conf"
@@ -100,8 +101,20 @@ def unknown_keys(node: Any, prefix: str = "") -> list[str]:
     return found
 
 
+def _null_parent(config_name: str, overrides: list[str]) -> str:
+    """One line for an override whose parent is null (an optional group left unchosen, as in infer)."""
+    base = compose(config_name=config_name)
+    for override in overrides:
+        key = override.lstrip("+~").partition("=")[0]
+        parent = key.partition(".")[0]
+        if "." in key and parent in base and base[parent] is None:
+            return f"cannot set '{key}': '{parent}' is not chosen; pick one first (e.g. {parent}=<option> {override})"
+    return f"cannot apply overrides {' '.join(overrides)}"
+
+
 def check_config(config_name: str, overrides: list[str]) -> DictConfig:
     """Compose and fully resolve the config; raise ConfigError with a one-line reason."""
+    ensure_run_id()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         try:
@@ -116,16 +129,22 @@ def check_config(config_name: str, overrides: list[str]) -> DictConfig:
             raise
         except (HydraException, OmegaConfBaseException, ValueError) as error:
             raise ConfigError(describe_error(config_name, error)) from None
+        except AssertionError:  # OmegaConf.update into a null node: `model.path=x` with no model chosen
+            raise ConfigError(_null_parent(config_name, overrides)) from None
     GlobalHydra.instance().clear()
     return cfg
 
 
-def hydra_entry(config_name: str, task_path: str) -> Callable[[], None]:
+def hydra_entry(
+    config_name: str, task_path: str, register: Callable[[], None] = register_configs
+) -> Callable[[], None]:
     """A `main()` for `python -m <entry>`: validate, then run `task_path` ("module:function") under
-    @hydra.main. The task is imported only once the config is known to be good."""
+    @hydra.main. The task is imported only once the config is known to be good. `register` stores the
+    config's schema in Hydra's ConfigStore (train's by default)."""
 
     def main() -> None:
-        register_configs()
+        register()
+        ensure_run_id()
         try:
             check_config(config_name, user_overrides(sys.argv[1:]))
         except (ConfigError, HydraException) as error:

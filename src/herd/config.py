@@ -34,6 +34,15 @@ class Quant(str, Enum):
     none = "none"  # plain LoRA on a bf16/fp32 base
 
 
+class Strategy(str, Enum):
+    single = "single"  # one process, one device
+    ddp = "ddp"  # data parallel: a full (4-bit) replica per device
+    fsdp = "fsdp"  # FSDP full shard: weights, LoRA grads and optimizer states sharded over devices
+    zero2 = "zero2"  # DeepSpeed ZeRO-2: optimizer states and gradients sharded
+    zero3 = "zero3"  # DeepSpeed ZeRO-3: weights sharded too
+    zero3_offload = "zero3_offload"  # ZeRO-3 with optimizer states and weights offloaded to CPU RAM
+
+
 class DataFormat(str, Enum):
     messages = "messages"  # a column of [{"role", "content"}, ...]
     guanaco = "guanaco"  # "### Human: ... ### Assistant: ..." text
@@ -69,8 +78,9 @@ class PeftConfig:
     # dtype the 4-bit weights are dequantized to for matmuls; auto = the run's precision (bf16 on GPU,
     # fp32 on CPU, where bf16 matmuls are emulated and slower without avx512_bf16)
     compute_dtype: str = "auto"
-    # Storage dtype of packed 4-bit weights. FSDP/ZeRO-3 need it equal to the sharded param dtype.
-    quant_storage: str = "uint8"
+    # Storage dtype of packed 4-bit weights. FSDP/ZeRO-3 shard flat tensors of one dtype, so there it must
+    # equal the param dtype; auto = the param dtype under fsdp/zero3, uint8 otherwise.
+    quant_storage: str = "auto"
     r: int = 16  # LoRA rank: higher adds capacity and memory
     alpha: int = 32  # LoRA scale is alpha / r
     dropout: float = 0.05
@@ -119,11 +129,42 @@ class TrainConfig:
 
 
 @dataclass
+class StrategyConfig:
+    name: Strategy = Strategy.single
+    cpu_offload: bool = False  # fsdp: parameters and optimizer states in CPU RAM between uses
+    # fsdp: only rank 0 reads the checkpoint, the others receive shards (70B would need 8x CPU RAM otherwise)
+    cpu_ram_efficient_loading: bool = True
+    zero_stage: int = 0  # DeepSpeed ZeRO stage (2 or 3) for zero2/zero3/zero3_offload, else 0
+    offload_optimizer: bool = False  # DeepSpeed: optimizer states to CPU
+    offload_params: bool = False  # DeepSpeed ZeRO-3: parameters to CPU
+
+
+class TrackingBackend(str, Enum):
+    wandb = "wandb"  # online when a key and the network are there, else offline with a note
+    wandb_offline = "wandb_offline"  # always offline: compute nodes without network; `wandb sync` later
+    none = "none"  # no W&B; metrics.jsonl and loss.png are written in the run directory anyway
+
+
+@dataclass
+class TrackingConfig:
+    backend: TrackingBackend = TrackingBackend.none
+    project: str = "herd"
+    entity: Optional[str] = None  # W&B team or user; None = the key's default entity
+    group: Optional[str] = None  # None = the experiment (or model) name, plus the SLURM array job id
+    tags: list[str] = field(default_factory=list)
+    name: Optional[str] = None  # None = <experiment>-<SLURM job id>, or the run directory's name off SLURM
+    log_adapter_artifact: bool = False  # upload the final adapter as a W&B model artifact (~160 MB on 7B r=16)
+    sync_at_end: bool = False  # offline runs: `wandb sync` at the end when the network is reachable
+
+
+@dataclass
 class TrainJob:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
     peft: PeftConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    strategy: StrategyConfig = MISSING
     output_dir: str = MISSING  # the run directory: adapter, tokenizer, config, checkpoints, metrics
     device: str = "auto"  # auto | cpu | cuda
 

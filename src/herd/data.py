@@ -179,6 +179,27 @@ def _eval_count(eval_size: float, total: int) -> int:
 
 def build_splits(data_cfg: DataConfig, tokenizer) -> tuple[Dataset, Dataset | None, DataReport]:
     """Tokenize from scratch (no cache): the train and eval datasets and a report of what was dropped."""
+    _, samples, report = select_samples(data_cfg, tokenizer)
+    n_eval = _eval_count(data_cfg.eval_size, len(samples))
+    eval_samples, train_samples = samples[:n_eval], samples[n_eval:]
+    report.train, report.eval = len(train_samples), len(eval_samples)
+    train = Dataset.from_list(train_samples)
+    return train, (Dataset.from_list(eval_samples) if eval_samples else None), report
+
+
+def split_conversations(
+    data_cfg: DataConfig, tokenizer
+) -> tuple[list[list[dict]], list[list[dict]], DataReport]:
+    """The train and eval conversations (message lists), exactly the samples `build_splits` keeps, in
+    the same order: what infer prompts with (e.g. the user turns of the eval split)."""
+    conversations, _, report = select_samples(data_cfg, tokenizer)
+    n_eval = _eval_count(data_cfg.eval_size, len(conversations))
+    report.train, report.eval = len(conversations) - n_eval, n_eval
+    return conversations[n_eval:], conversations[:n_eval], report
+
+
+def select_samples(data_cfg: DataConfig, tokenizer) -> tuple[list[list[dict]], list[dict], DataReport]:
+    """The usable conversations (shuffled, subset) and their tokenized samples, in split order."""
     rows, bad = read_rows(data_cfg)
     report = DataReport(rows=len(rows) + sum(bad.values()))
     conversations = []
@@ -191,12 +212,14 @@ def build_splits(data_cfg: DataConfig, tokenizer) -> tuple[Dataset, Dataset | No
 
     wanted = data_cfg.max_samples or len(conversations)
     samples: list[dict] = []
+    kept: list[list[dict]] = []
     batch = 1000
     for start in range(0, len(conversations), batch):
         if len(samples) >= wanted:
             break
-        for sample in tokenize_conversations(
-            conversations[start : start + batch], tokenizer, data_cfg.assistant_only_loss
+        chunk = conversations[start : start + batch]
+        for conversation, sample in zip(
+            chunk, tokenize_conversations(chunk, tokenizer, data_cfg.assistant_only_loss)
         ):
             if len(sample["input_ids"]) > data_cfg.max_seq_len:
                 bad["too_long"] += 1
@@ -204,7 +227,8 @@ def build_splits(data_cfg: DataConfig, tokenizer) -> tuple[Dataset, Dataset | No
                 bad["no_assistant"] += 1
             else:
                 samples.append(sample)
-    samples = samples[:wanted]
+                kept.append(conversation)
+    samples, kept = samples[:wanted], kept[:wanted]
     report.bad = dict(bad)
 
     if bad and data_cfg.bad_rows == BadRows.error:
@@ -213,12 +237,7 @@ def build_splits(data_cfg: DataConfig, tokenizer) -> tuple[Dataset, Dataset | No
                         "fix them or set data.bad_rows=skip")
     if len(samples) < 2:
         raise DataError(f"{data_cfg.path}: only {len(samples)} usable samples after dropping bad rows")
-
-    n_eval = _eval_count(data_cfg.eval_size, len(samples))
-    eval_samples, train_samples = samples[:n_eval], samples[n_eval:]
-    report.train, report.eval = len(train_samples), len(eval_samples)
-    train = Dataset.from_list(train_samples)
-    return train, (Dataset.from_list(eval_samples) if eval_samples else None), report
+    return kept, samples, report
 
 
 def _read_cache(cache: Path) -> tuple[Dataset, Dataset | None]:

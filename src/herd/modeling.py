@@ -83,7 +83,7 @@ def quantization_config(peft_cfg: PeftConfig, dtype: torch.dtype) -> BitsAndByte
         bnb_4bit_quant_type=peft_cfg.quant.value,
         bnb_4bit_use_double_quant=peft_cfg.double_quant,
         bnb_4bit_compute_dtype=compute_dtype(peft_cfg, dtype),
-        bnb_4bit_quant_storage=torch_dtype(peft_cfg.quant_storage),
+        bnb_4bit_quant_storage=torch_dtype("uint8" if peft_cfg.quant_storage == "auto" else peft_cfg.quant_storage),
     )
 
 
@@ -105,9 +105,11 @@ def disable_bnb_cpu_inference_repack(model: torch.nn.Module) -> int:
 
 
 def load_base_model(
-    model_cfg: ModelConfig, peft_cfg: PeftConfig, device: str, dtype: torch.dtype, location: str | None = None
+    model_cfg: ModelConfig, peft_cfg: PeftConfig, device: str | None, dtype: torch.dtype,
+    location: str | None = None,
 ) -> PreTrainedModel:
-    """The frozen base, quantized as `peft_cfg.quant` says, on `device` (a single-process placement)."""
+    """The frozen base, quantized as `peft_cfg.quant` says, placed whole on `device`; device None leaves
+    placement to FSDP / ZeRO-3, which shard the weights themselves."""
     location = location or model_location(model_cfg)
     quant = quantization_config(peft_cfg, dtype)
     model = AutoModelForCausalLM.from_pretrained(
@@ -117,7 +119,7 @@ def load_base_model(
         quantization_config=quant,
         dtype=compute_dtype(peft_cfg, dtype) if quant is not None else dtype,
         attn_implementation=model_cfg.attn_implementation,
-        device_map={"": device},
+        device_map={"": device} if device is not None else None,
     )
     disable_bnb_cpu_inference_repack(model)
     return model

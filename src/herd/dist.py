@@ -1,0 +1,42 @@
+"""Rank helpers and the one run id every rank and node of a launch agrees on."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime
+
+
+def _launcher_start_time() -> float | None:
+    """Wall-clock start of this process's parent (the `accelerate launch` / torchrun agent): the same for
+    every local rank, whatever second each rank itself started in. /proc/PID is created with the process."""
+    try:
+        return os.stat(f"/proc/{os.getppid()}").st_mtime
+    except OSError:
+        return None
+
+
+def launch_run_id(env: dict[str, str] | None = None) -> str:
+    """SLURM job (array task) id when under SLURM; else the launcher's start time when launched with
+    several ranks; else now. Multi-node launches outside SLURM should pass output_dir explicitly."""
+    env = os.environ if env is None else env
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"slurm-{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    if env.get("SLURM_JOB_ID"):
+        return f"slurm-{env['SLURM_JOB_ID']}"
+    started = _launcher_start_time() if "LOCAL_RANK" in env else None
+    return datetime.fromtimestamp(started or time.time()).strftime("%Y%m%d-%H%M%S")
+
+
+def ensure_run_id() -> str:
+    """Set HERD_RUN_ID (read by conf/train.yaml's output_dir) unless the user or launcher already did."""
+    os.environ.setdefault("HERD_RUN_ID", launch_run_id())
+    return os.environ["HERD_RUN_ID"]
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
