@@ -165,6 +165,11 @@ def run(cfg: DictConfig) -> RunResult:
 
     # The arguments come before the model: under ZeRO-3 they switch on sharded loading (zero.Init).
     args = training_arguments(job, run_dir, device, dtype, accumulation, eval_data is not None)
+    # The baseline evaluation runs inside train() (eval_on_start), in fresh and resumed runs alike: the
+    # distributed eval loader moves the data order, so both must do it for a resume to be exact.
+    # DeepSpeed evaluates before its engine exists only under ZeRO-3, so ZeRO-2 runs skip it.
+    args.eval_on_start = (eval_data is not None and job.train.eval_before_train
+                          and job.strategy.name != Strategy.zero2)
     placement = None if job.strategy.name in strategy.SHARDED else (
         f"cuda:{state.local_process_index}" if device == "cuda" else "cpu")
     peft_cfg = dataclasses.replace(job.peft, quant_storage=strategy.quant_storage(job, dtype))
@@ -192,12 +197,9 @@ def run(cfg: DictConfig) -> RunResult:
         rundir.write_json(run_dir / MANIFEST, build_manifest(
             rundir.resolved_config(cfg), state.num_processes, job.strategy.name.value,
             str(trainer.accelerator.distributed_type).rpartition(".")[2]))
-    # DeepSpeed evaluates only through ZeRO-3 before the engine exists ("ZeRO inference only makes sense
-    # with ZeRO Stage 3"), so ZeRO-2 runs skip the baseline evaluation.
-    evaluate_first = (eval_data is not None and job.train.eval_before_train and resume_from is None
-                      and job.strategy.name != Strategy.zero2)
-    before = trainer.evaluate()["eval_loss"] if evaluate_first else None
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    evaluations = [e for e in trainer.state.log_history if "eval_loss" in e]
+    before = evaluations[0]["eval_loss"] if args.eval_on_start and evaluations else None
     after = trainer.evaluate()["eval_loss"] if eval_data is not None else None
 
     adapter_dir = run_dir / rundir.ADAPTER_DIR
