@@ -108,7 +108,8 @@ def _null_parent(config_name: str, overrides: list[str]) -> str:
         key = override.lstrip("+~").partition("=")[0]
         parent = key.partition(".")[0]
         if "." in key and parent in base and base[parent] is None:
-            return f"cannot set '{key}': '{parent}' is not chosen; pick one first (e.g. {parent}=<option> {override})"
+            return (f"cannot set '{key}': '{parent}' is not chosen; pick one first "
+                    f"(e.g. {parent}=<option> {override})")
     return f"cannot apply overrides {' '.join(overrides)}"
 
 

@@ -1,0 +1,13 @@
+"""python -m infer.generate run_dir=runs/<run> [generate.prompts=prompts.jsonl] [generate.max_new_tokens=...]
+
+Batch generation in the Llama-2 chat format, sharded over processes, resumable, one JSONL in input order.
+"""
+
+from herd.cli import hydra_entry
+from herd.infer_config import register_infer_configs
+
+# Named, not imported: a refused config exits before torch and transformers are even imported.
+main = hydra_entry("infer", "infer.recipes.generate:run", register=register_infer_configs)
+
+if __name__ == "__main__":
+    main()

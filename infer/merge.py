@@ -1,0 +1,13 @@
+"""python -m infer.merge run_dir=runs/<run> [precision=bf16|fp32] [merge.output=dir]
+
+Merge the LoRA adapter into the unquantized base and save a plain transformers model, after a numeric check.
+"""
+
+from herd.cli import hydra_entry
+from herd.infer_config import register_infer_configs
+
+# Named, not imported: a refused config exits before torch and transformers are even imported.
+main = hydra_entry("infer", "infer.recipes.merge:run", register=register_infer_configs)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""One module per infer command, each with `run(cfg)`; imported only after the config is validated."""
