@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: the CPU build lies on local disk; an unpinned torch pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	echo "torch==2.13.0" > $(VENV)/constraints.txt
-	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[dev,eval]'
 	touch $(STAMP)
 
 install: $(STAMP)
