@@ -20,6 +20,9 @@ from herd import rundir, strategy
 from herd.checkpoints import CompleteMarker, DebugFaults, last_complete_checkpoint
 from herd.config import ConfigError, Strategy, TrainJob
 from herd.manifest import MANIFEST, build_manifest
+from herd.planning import check_fits, device_memory_bytes, launch_commands, plan_job
+from herd.preempt import Preemption
+from herd.tracking import HerdTracker
 from herd.data import load_splits
 from herd.modeling import (
     add_lora,
@@ -115,6 +118,8 @@ def training_arguments(job: TrainJob, run_dir: Path, device: str, dtype: torch.d
         dataloader_num_workers=t.dataloader_num_workers,
         include_num_input_tokens_seen="non_padding",
         max_length=job.data.max_seq_len,
+        packing=t.packing,
+        packing_strategy="bfd",
         report_to="none",
         disable_tqdm=False,
         ddp_find_unused_parameters=False,  # LoRA: every trainable parameter is used in every step
@@ -140,11 +145,21 @@ def distributed_facts(trainer, state: PartialState) -> dict:
     return facts
 
 
-def run(cfg: DictConfig) -> RunResult:
+def run(cfg: DictConfig) -> RunResult | None:
     job: TrainJob = OmegaConf.to_object(cfg)
+    preemption = Preemption()  # first: a USR1 that arrives while loading is kept for the first step
     device = resolve_device(job.device)
     dtype = resolve_precision(job.train.precision, device)
-    strategy.check_compatibility(job, int(os.environ.get("WORLD_SIZE", "1")), dtype, device)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    strategy.check_compatibility(job, world_size, dtype, device)
+    location = model_location(job.model)
+    settings, plan = plan_job(job, world_size, location)
+    device_bytes = device_memory_bytes(job, device)
+    if job.plan:
+        print(plan.format(device_bytes))
+        print("launch with:\n  " + "\n  ".join(launch_commands(world_size)), flush=True)
+        return None
+    check_fits(job, settings, plan, location, device_bytes)
     strategy.prepare_launch(device)
     state = PartialState(cpu=device == "cpu")
     accumulation = gradient_accumulation(job, state.num_processes)
@@ -156,7 +171,6 @@ def run(cfg: DictConfig) -> RunResult:
               f"process(es), {device}" + (f"; resuming from {resume_from.name}" if resume_from else ""),
               flush=True)
 
-    location = model_location(job.model)
     tokenizer = load_tokenizer(job.model, location)
     with state.main_process_first():  # rank 0 tokenizes and caches; the others read its cache
         train_data, eval_data, report = load_splits(job.data, tokenizer)
@@ -177,13 +191,14 @@ def run(cfg: DictConfig) -> RunResult:
     model = load_base_model(job.model, peft_cfg, placement, dtype, location)
     model = add_lora(model, peft_cfg, job.train.gradient_checkpointing)
 
+    tracker = HerdTracker(job.tracking, run_dir, cfg, seq_len=job.data.max_seq_len)
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=train_data,
         eval_dataset=eval_data,
         processing_class=tokenizer,
-        callbacks=[EvalSummary(), CompleteMarker(run_dir, state), DebugFaults()],
+        callbacks=[EvalSummary(), CompleteMarker(run_dir, state), DebugFaults(), preemption, tracker],
     )
     trainer.add_callback(WrappedModelProbe(trainer))
     if job.strategy.name not in strategy.SHARDED:
@@ -194,10 +209,13 @@ def run(cfg: DictConfig) -> RunResult:
             if parameter.requires_grad:
                 parameter.data = parameter.data.float()
     if state.is_main_process:
-        rundir.write_json(run_dir / MANIFEST, build_manifest(
+        manifest = build_manifest(
             rundir.resolved_config(cfg), state.num_processes, job.strategy.name.value,
-            str(trainer.accelerator.distributed_type).rpartition(".")[2]))
+            str(trainer.accelerator.distributed_type).rpartition(".")[2])
+        rundir.write_json(run_dir / MANIFEST, manifest)
+        tracker.add_manifest(manifest)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    preemption.exit_if_stopped()  # checkpoint saved on every rank: exit 124, the SLURM job requeues
     evaluations = [e for e in trainer.state.log_history if "eval_loss" in e]
     before = evaluations[0]["eval_loss"] if args.eval_on_start and evaluations else None
     after = trainer.evaluate()["eval_loss"] if eval_data is not None else None
@@ -219,6 +237,7 @@ def run(cfg: DictConfig) -> RunResult:
         })
         print(f"eval loss {before} -> {after}" if before is not None else f"eval loss {after}")
         print(f"adapter: {adapter_dir}\nrun directory: {run_dir}", flush=True)
+    tracker.finish(adapter_dir)
     state.wait_for_everyone()
     return RunResult(run_dir, adapter_dir, before, after)
 

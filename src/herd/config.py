@@ -118,6 +118,9 @@ class TrainConfig:
     max_grad_norm: float = 0.3  # QLoRA paper's value
     optimizer: str = "adamw_torch"  # any transformers optim name, e.g. paged_adamw_8bit on GPU
     gradient_checkpointing: bool = True  # trades ~30% compute for activation memory
+    # Pack conversations into max_seq_len rows without padding (best-fit decreasing; position ids keep the
+    # attention inside each conversation): no compute spent on pad tokens.
+    packing: bool = False
     precision: Precision = Precision.auto
     logging_steps: int = 5
     eval_steps: int = 50
@@ -167,6 +170,10 @@ class TrainJob:
     strategy: StrategyConfig = MISSING
     output_dir: str = MISSING  # the run directory: adapter, tokenizer, config, checkpoints, metrics
     device: str = "auto"  # auto | cpu | cuda
+    plan: bool = False  # print the per-GPU memory plan and the launch commands, then exit (loads no weights)
+    # GB per GPU to plan for; None reads it from the GPU. Set it to plan for a cluster's GPUs from a laptop.
+    device_memory_gb: Optional[float] = None
+    force: bool = False  # launch even when the plan says the job does not fit
 
 
 def register_configs() -> None:

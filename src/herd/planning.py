@@ -1,0 +1,73 @@
+"""The memory plan of a training job: run before every launch, printed with `plan=true`.
+
+Bridges the typed TrainJob to herd.plan (pure arithmetic on the model's config.json; no weights load)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+from herd.config import ConfigError, Quant, Strategy, TrainJob
+from herd.plan import GB, MemoryPlan, Settings, estimate_settings, load_model_shape, suggest
+
+
+def job_settings(job: TrainJob, world_size: int) -> Settings:
+    targets = list(job.peft.target_modules)
+    strategy = job.strategy.name.value
+    return Settings(
+        seq_len=job.data.max_seq_len,
+        micro_batch=job.train.micro_batch_size,
+        world_size=world_size,
+        strategy=strategy,
+        quant=job.peft.quant.value if job.peft.quant != Quant.fp4 else "nf4",  # same bytes as nf4
+        double_quant=job.peft.double_quant,
+        lora_r=job.peft.r,
+        lora_targets="all-linear" if targets == ["all-linear"] else tuple(targets),
+        lora_dropout=job.peft.dropout,
+        gradient_checkpointing=job.train.gradient_checkpointing,
+        optimizer="paged_adamw_8bit" if "8bit" in job.train.optimizer else "adamw",
+        cpu_offload=job.strategy.cpu_offload or job.strategy.offload_optimizer,
+        grad_accum=max(1, job.train.global_batch_size // (job.train.micro_batch_size * world_size)),
+    )
+
+
+def plan_job(job: TrainJob, world_size: int, location: str) -> tuple[Settings, MemoryPlan]:
+    shape = load_model_shape(location)
+    settings = job_settings(job, world_size)
+    return settings, estimate_settings(shape, settings)
+
+
+def launch_commands(world_size: int) -> list[str]:
+    """The commands that would run this job: accelerate on this machine, sbatch on a cluster."""
+    overrides = " ".join(shlex.quote(a) for a in sys.argv[1:] if a not in ("plan=true", "plan=True"))
+    if world_size > 1:
+        local = f"accelerate launch --multi_gpu --num_processes {world_size} -m train {overrides}"
+    else:
+        local = f"python -m train {overrides}"
+    return [local, f"python -m herd.slurm submit {overrides}"]
+
+
+def check_fits(job: TrainJob, settings: Settings, plan: MemoryPlan, location: str,
+               device_bytes: int | None) -> None:
+    """Refuse, in one line with the cheapest change that fits, a job whose estimate exceeds the device."""
+    if device_bytes is None or plan.fits(device_bytes) or job.force:
+        return
+    hint = suggest(load_model_shape(location), settings, device_bytes)
+    raise ConfigError(
+        f"the plan needs {plan.total_per_gpu_bytes / GB:.1f} GB per GPU but the device has "
+        f"{device_bytes / GB:.1f} GB; {hint or 'nothing tried fits'}; "
+        f"see plan=true for the breakdown, or set force=true to launch anyway"
+    )
+
+
+def device_memory_bytes(job: TrainJob, device: str) -> int | None:
+    if job.device_memory_gb is not None:
+        return int(job.device_memory_gb * GB)
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return None  # CPU: the plan is GPU memory; nothing to check against
+
+
+__all__ = ["plan_job", "check_fits", "device_memory_bytes", "launch_commands", "Strategy"]
