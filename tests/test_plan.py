@@ -236,11 +236,7 @@ def test_shape_from_config_and_local_dir(tmp_path):
 def test_readme_table_is_generated():
     readme = ROOT / "README.md"
     start, end = "<!-- memory-table:start -->", "<!-- memory-table:end -->"
-    text = readme.read_text() if readme.exists() else ""
-    if start in text and end in text:
-        table = text.split(start, 1)[1].split(end, 1)[0]
-    else:
-        table = (ROOT / "docs" / "memory_table.md").read_text()
+    table = readme.read_text().split(start, 1)[1].split(end, 1)[0]
     assert table.strip() == markdown_table().strip(), "regenerate with: python -m herd.plan --table"
 
 

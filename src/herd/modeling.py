@@ -143,6 +143,9 @@ def lora_config(peft_cfg: PeftConfig):
 def add_lora(model: PreTrainedModel, peft_cfg: PeftConfig, gradient_checkpointing: bool):
     from peft import get_peft_model, prepare_model_for_kbit_training
 
+    # Training never reuses a KV cache, and with one transformers stops detecting packed sequences from
+    # position ids: packed conversations would attend to each other (tests/test_packing.py).
+    model.config.use_cache = False
     if peft_cfg.quant != Quant.none:
         model = prepare_model_for_kbit_training(
             model,
