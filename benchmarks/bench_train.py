@@ -28,13 +28,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from baseline_sft import build_baseline_trainer  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback  # noqa: E402
+from baseline_sft import build_baseline_trainer
+from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
-from herd.chat import format_llama2, guanaco_to_messages  # noqa: E402
-from herd.sample_data import generate_guanaco_rows  # noqa: E402
-from herd.tiny import ensure_tiny_model  # noqa: E402
-from herd.tracking import count_parameters, device_peak_flops, flops_per_token  # noqa: E402
+from herd.chat import format_llama2, guanaco_to_messages
+from herd.sample_data import generate_guanaco_rows
+from herd.tiny import ensure_tiny_model
+from herd.tracking import count_parameters, device_peak_flops, flops_per_token
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads
     "small": (256, 688, 4, 4, 4),
@@ -88,7 +88,7 @@ def herd_trainer(model_dir: Path, convs, output_dir: str, args, callbacks, token
     from datasets import Dataset
     from trl import SFTTrainer
 
-    from herd.config import ModelConfig, PeftConfig, TrainConfig, TrainJob, DataConfig, StrategyConfig
+    from herd.config import DataConfig, ModelConfig, PeftConfig, StrategyConfig, TrainConfig, TrainJob
     from herd.data import tokenize_conversations
     from herd.modeling import add_lora, load_base_model
     from train.recipe import training_arguments

@@ -2,7 +2,15 @@
 
 import pytest
 
-from herd.config import ConfigError, DataConfig, ModelConfig, PeftConfig, StrategyConfig, TrainConfig, TrainJob
+from herd.config import (
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    PeftConfig,
+    StrategyConfig,
+    TrainConfig,
+    TrainJob,
+)
 from herd.plan import GB
 from herd.planning import check_fits, plan_job
 from tests.conftest import run_module

@@ -147,3 +147,29 @@ def test_a_rank_that_raises_ends_the_launch_quickly(tmp_path, tiny_model_dir):
     assert result.returncode != 0
     assert "herd debug fault: rank 1 raised" in result.stderr
     assert time.monotonic() - started < 60 + 30  # 60 s after the fault; ~30 s of start-up before it
+
+
+def test_two_machines_on_loopback_join_one_run(tmp_path, tiny_model_dir):
+    """The command a cluster would use, one process per "machine", both on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(REPO)}
+    run_dir = tmp_path / "run"
+    machines = [
+        subprocess.Popen(
+            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+             "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+             "--main_process_port", str(port), "--rdzv_backend", "static", "--mixed_precision", "no",
+             "--dynamo_backend", "no", "-m", "train", *RESUME, "strategy=ddp", "train.max_steps=2",
+             f"output_dir={run_dir}"],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)
+    ]
+    outputs = [machine.communicate(timeout=600)[0] for machine in machines]
+    assert [m.returncode for m in machines] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    facts = json.loads((run_dir / "metrics.json").read_text())["distributed"]
+    assert facts["num_processes"] == 2 and facts["distributed_type"] == "MULTI_CPU"
+    assert (run_dir / "adapter" / "adapter_model.safetensors").exists()

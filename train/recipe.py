@@ -19,11 +19,8 @@ from trl import SFTConfig, SFTTrainer
 from herd import rundir, strategy
 from herd.checkpoints import CompleteMarker, DebugFaults, last_complete_checkpoint
 from herd.config import ConfigError, Strategy, TrainJob
-from herd.manifest import MANIFEST, build_manifest
-from herd.planning import check_fits, device_memory_bytes, launch_commands, plan_job
-from herd.preempt import Preemption
-from herd.tracking import HerdTracker
 from herd.data import load_splits
+from herd.manifest import MANIFEST, build_manifest
 from herd.modeling import (
     add_lora,
     load_base_model,
@@ -32,6 +29,9 @@ from herd.modeling import (
     resolve_device,
     resolve_precision,
 )
+from herd.planning import check_fits, device_memory_bytes, launch_commands, plan_job
+from herd.preempt import Preemption
+from herd.tracking import HerdTracker
 
 log = logging.getLogger("herd.train")
 

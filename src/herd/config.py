@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -64,7 +63,7 @@ class Precision(str, Enum):
 class ModelConfig:
     name: str = MISSING  # short name, used in run names and W&B
     path: str = MISSING  # hub id (meta-llama/Llama-2-7b-hf) or a local directory
-    revision: Optional[str] = None  # hub revision (branch, tag or commit) to pin the weights
+    revision: str | None = None  # hub revision (branch, tag or commit) to pin the weights
     build_tiny: bool = False  # build herd's deterministic tiny Llama at `path` when it is absent
     trust_remote_code: bool = False  # runs code from the model repo: off unless you trust it
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
@@ -94,8 +93,8 @@ class DataConfig:
     format: DataFormat = DataFormat.messages
     field: str = "text"  # column holding the text (guanaco, llama2) or the message list (messages)
     split: str = "train"  # split of a hub data set to read
-    system_prompt: Optional[str] = None  # added to conversations that have none
-    max_samples: Optional[int] = None  # seeded subset taken before the split (1000, 10000, ...)
+    system_prompt: str | None = None  # added to conversations that have none
+    max_samples: int | None = None  # seeded subset taken before the split (1000, 10000, ...)
     eval_size: float = 0.05  # fraction (<1) or count (>=1) of samples held out for evaluation
     max_seq_len: int = 1024  # tokens; longer conversations are bad rows ("too_long")
     assistant_only_loss: bool = True  # loss on assistant tokens only; False trains on the whole text
@@ -152,10 +151,10 @@ class TrackingBackend(str, Enum):
 class TrackingConfig:
     backend: TrackingBackend = TrackingBackend.none
     project: str = "herd"
-    entity: Optional[str] = None  # W&B team or user; None = the key's default entity
-    group: Optional[str] = None  # None = the experiment (or model) name, plus the SLURM array job id
+    entity: str | None = None  # W&B team or user; None = the key's default entity
+    group: str | None = None  # None = the experiment (or model) name, plus the SLURM array job id
     tags: list[str] = field(default_factory=list)
-    name: Optional[str] = None  # None = <experiment>-<SLURM job id>, or the run directory's name off SLURM
+    name: str | None = None  # None = <experiment>-<SLURM job id>, or the run directory's name off SLURM
     log_adapter_artifact: bool = False  # upload the final adapter as a W&B model artifact (~160 MB on 7B r=16)
     sync_at_end: bool = False  # offline runs: `wandb sync` at the end when the network is reachable
 
@@ -172,7 +171,7 @@ class TrainJob:
     device: str = "auto"  # auto | cpu | cuda
     plan: bool = False  # print the per-GPU memory plan and the launch commands, then exit (loads no weights)
     # GB per GPU to plan for; None reads it from the GPU. Set it to plan for a cluster's GPUs from a laptop.
-    device_memory_gb: Optional[float] = None
+    device_memory_gb: float | None = None
     force: bool = False  # launch even when the plan says the job does not fit
 
 

@@ -18,7 +18,13 @@ from pathlib import Path
 
 from datasets import Dataset, load_dataset, load_from_disk
 
-from herd.chat import ConversationError, format_llama2, guanaco_to_messages, llama2_to_messages, validate_messages
+from herd.chat import (
+    ConversationError,
+    format_llama2,
+    guanaco_to_messages,
+    llama2_to_messages,
+    validate_messages,
+)
 from herd.config import BadRows, DataConfig, DataError, DataFormat
 from herd.paths import resolve_path
 

@@ -70,4 +70,4 @@ def device_memory_bytes(job: TrainJob, device: str) -> int | None:
     return None  # CPU: the plan is GPU memory; nothing to check against
 
 
-__all__ = ["plan_job", "check_fits", "device_memory_bytes", "launch_commands", "Strategy"]
+__all__ = ["Strategy", "check_fits", "device_memory_bytes", "launch_commands", "plan_job"]

@@ -20,7 +20,6 @@ import sys
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -38,9 +37,9 @@ SCRIPT = "train.sbatch"
 @dataclass
 class ClusterConfig:
     name: str = MISSING
-    partition: Optional[str] = None  # None = the cluster's default partition
-    account: Optional[str] = None  # the allocation to charge, on clusters that require one
-    qos: Optional[str] = None
+    partition: str | None = None  # None = the cluster's default partition
+    account: str | None = None  # the allocation to charge, on clusters that require one
+    qos: str | None = None
     # Wall-clock limit per job (SLURM format: MM, HH:MM:SS, D-HH:MM:SS). Longer runs are fine: near the limit
     # the job checkpoints and requeues itself, and resumes.
     time: str = "24:00:00"
@@ -49,15 +48,15 @@ class ClusterConfig:
     procs_per_node: int = 1  # ranks per node on CPU-only nodes (ignored when gpus_per_node > 0)
     # CPUs for one node's launcher task and all its ranks (data loading, tokenization); None = SLURM's
     # default, which on clusters that bind tasks to CPUs may be a single CPU for all ranks of a node.
-    cpus_per_task: Optional[int] = None
-    mem: Optional[str] = None  # memory per node, e.g. 480G; "0" = all of it; None = the partition's default
-    constraint: Optional[str] = None  # node features, e.g. "a100|h100"
+    cpus_per_task: int | None = None
+    mem: str | None = None  # memory per node, e.g. 480G; "0" = all of it; None = the partition's default
+    constraint: str | None = None  # node features, e.g. "a100|h100"
     exclusive: bool = False  # whole nodes, shared with no other job
     # USR1 this many seconds before the time limit: enough to finish one optimizer step and save a
     # checkpoint (SLURM may deliver it up to 60 s late).
     signal_seconds: int = 300
     requeue: bool = True  # on preemption, node failure or the time limit: requeue and resume
-    array_parallelism: Optional[int] = None  # sweeps: at most this many array tasks at once
+    array_parallelism: int | None = None  # sweeps: at most this many array tasks at once
     job_name: str = "herd-train"
     extra_sbatch: list[str] = field(default_factory=list)  # more options, e.g. ["--mail-type=END,FAIL"]
     setup: list[str] = field(default_factory=list)  # shell lines run first, in the repo (module load, venv)
@@ -79,13 +78,13 @@ class Job:
     script: Path
     log: str  # the --output pattern
     run_dirs: list[Path]
-    array: Optional[str] = None
+    array: str | None = None
 
     def sbatch_command(self) -> list[str]:
         return ["sbatch", str(self.script)]
 
 
-def time_seconds(limit: str) -> Optional[int]:
+def time_seconds(limit: str) -> int | None:
     """SLURM's time formats (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in seconds; None = no limit."""
     if limit.upper() in ("INFINITE", "UNLIMITED"):
         return None
@@ -111,7 +110,7 @@ def procs_per_node(cluster: ClusterConfig) -> int:
     return cluster.gpus_per_node if cluster.gpus_per_node > 0 else cluster.procs_per_node
 
 
-def sbatch_options(cluster: ClusterConfig, output: str, array: Optional[str] = None) -> list[str]:
+def sbatch_options(cluster: ClusterConfig, output: str, array: str | None = None) -> list[str]:
     """The #SBATCH options for a cluster config (refused in one line when SLURM could not use them)."""
     if cluster.nodes < 1 or cluster.gpus_per_node < 0 or cluster.procs_per_node < 1:
         raise ConfigError("cluster.nodes and cluster.procs_per_node must be >= 1, cluster.gpus_per_node >= 0")
@@ -246,7 +245,7 @@ def _absolute(path: str) -> Path:
 
 
 def render(cluster_overrides: list[str], train_overrides: list[str], sweep: bool = False,
-           stamp: Optional[str] = None) -> Job:
+           stamp: str | None = None) -> Job:
     """Validate, decide the run directory (or sweep directory), write the job script there."""
     cluster = compose_cluster(cluster_overrides)
     stamp = stamp or datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -308,7 +307,7 @@ def submit(job: Job, wait: bool = False) -> tuple[str, int]:
     return job_id, process.wait()
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in ("render", "submit"):
         print(__doc__.strip(), file=sys.stderr)
