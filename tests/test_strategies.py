@@ -39,7 +39,6 @@ def job(strategy=Strategy.single, quant=Quant.nf4, storage="auto", stage=0) -> T
         (dict(strategy=Strategy.zero3, storage="float16", stage=3), 2, "cuda", {},
          "needs peft.quant_storage equal to the param dtype (bfloat16), got float16"),
         (dict(strategy=Strategy.zero2, stage=0), 2, "cuda", {}, "needs strategy.zero_stage 2 or 3"),
-        (dict(strategy=Strategy.fsdp), 2, "cpu", {}, "strategy=fsdp needs CUDA GPUs"),
         (dict(strategy=Strategy.zero3, stage=3), 2, "cpu", {}, "strategy=zero3 needs CUDA GPUs"),
     ],
 )
@@ -53,6 +52,18 @@ def test_compatibility_matrix_refuses(settings, world, device, env, message):
                                       dict(strategy=Strategy.ddp), dict(strategy=Strategy.zero2, stage=2)])
 def test_compatible_settings_pass(settings):
     check_compatibility(job(**settings), 2, torch.bfloat16, "cuda", {})
+
+
+def test_fsdp_on_cpu_is_herds_own_fsdp2():
+    # Allowed on CPU (herd shards with fully_shard itself), with fp32 4-bit storage, but not cpu_offload;
+    # accelerate is told nothing about FSDP there (it would run DDP).
+    cpu_job = job(Strategy.fsdp)
+    check_compatibility(cpu_job, 2, torch.float32, "cpu", {})
+    assert trainer_kwargs(cpu_job, torch.float32, "cpu") == {}
+    offload = TrainJob(model=ModelConfig(name="m", path="p"), peft=PeftConfig(), output_dir="o",
+                       strategy=StrategyConfig(name=Strategy.fsdp, cpu_offload=True))
+    with pytest.raises(ConfigError, match="strategy.cpu_offload needs CUDA GPUs"):
+        check_compatibility(offload, 2, torch.float32, "cpu", {})
 
 
 def test_strategy_reaches_the_trainer_without_an_accelerate_config():
@@ -173,3 +184,33 @@ def test_two_machines_on_loopback_join_one_run(tmp_path, tiny_model_dir):
     facts = json.loads((run_dir / "metrics.json").read_text())["distributed"]
     assert facts["num_processes"] == 2 and facts["distributed_type"] == "MULTI_CPU"
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_fsdp2_two_processes_on_cpu_shards_saves_and_resumes(tmp_path, tiny_model_dir):
+    """strategy=fsdp on CPU: really FSDP2 (DTensor parameters on 2 ranks, not accelerate's silent DDP),
+    QLoRA on a 4-bit base with fp32 storage; the adapter is gathered whole and loads with plain PEFT."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run_dir = tmp_path / "run"
+    killed = launch(tmp_path, *RESUME, "strategy=fsdp", f"output_dir={run_dir}",
+                    env={"HERD_DEBUG_KILL_AFTER_STEP": "2"})
+    assert killed.returncode != 0
+    assert {"optimizer-rank0.pt", "optimizer-rank1.pt", "herd-complete"} <= {
+        p.name for p in (run_dir / "checkpoint-2").iterdir()}
+    resumed = launch(tmp_path, *RESUME, "strategy=fsdp", f"output_dir={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from checkpoint-2" in resumed.stdout
+    facts = json.loads((run_dir / "metrics.json").read_text())["distributed"]
+    assert facts["distributed_type"] == "MULTI_CPU" and facts["num_processes"] == 2
+    assert facts["wrapped_model"].startswith("FSDP")  # fully_shard's class, not DistributedDataParallel
+    assert facts["sharded_parameters"] > 0
+    weights = adapter(run_dir)
+    assert weights and all("lora_" in name for name in weights)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))  # full shapes, not shards
+    assert any(p.abs().sum() > 0 for name, p in model.named_parameters() if "lora_B" in name)
+    # The same run without the kill: resuming restores each rank's optimizer shard and the adapter.
+    straight = launch(tmp_path, *RESUME, "strategy=fsdp", f"output_dir={tmp_path / 'straight'}")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert_same_run(tmp_path / "straight", run_dir)

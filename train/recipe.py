@@ -123,8 +123,40 @@ def training_arguments(job: TrainJob, run_dir: Path, device: str, dtype: torch.d
         report_to="none",
         disable_tqdm=False,
         ddp_find_unused_parameters=False,  # LoRA: every trainable parameter is used in every step
-        **strategy.trainer_kwargs(job, dtype),
+        **strategy.trainer_kwargs(job, dtype, device),
     )
+
+
+class ShardedSFTTrainer(SFTTrainer):
+    """SFTTrainer for a model herd sharded itself with FSDP2 (strategy=fsdp on CPU, where accelerate has no
+    FSDP): the adapter is gathered whole on every rank and written by rank 0; each rank checkpoints its
+    own optimizer shard."""
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        state_dict = strategy.full_trainable_state_dict(self.model)  # collective: all ranks
+        if self.args.should_save:
+            self._save(output_dir or self.args.output_dir, state_dict=state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        from safetensors.torch import load_file
+
+        full = load_file(os.path.join(resume_from_checkpoint, "adapter_model.safetensors"))
+        strategy.load_full_trainable_state_dict(self.model, full)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        os.makedirs(output_dir, exist_ok=True)
+        torch.save(strategy.local_optimizer_state(self.optimizer.state_dict()),
+                   os.path.join(output_dir, f"optimizer-rank{self.args.process_index}.pt"))
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None:
+            return
+        self.optimizer.load_state_dict(torch.load(
+            os.path.join(checkpoint, f"optimizer-rank{self.args.process_index}.pt"), weights_only=True))
+        strategy.reshard_optimizer_state(self.optimizer)
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
 
 
 def distributed_facts(trainer, state: PartialState) -> dict:
@@ -138,10 +170,13 @@ def distributed_facts(trainer, state: PartialState) -> dict:
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         facts["zero_stage"] = plugin.zero_stage
-    if facts["distributed_type"] == "FSDP":
-        from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor
 
-        facts["sharded_parameters"] = sum(isinstance(p, DTensor) for p in trainer.model.parameters())
+    sharded = sum(isinstance(p, DTensor) for p in trainer.model.parameters())
+    if facts["distributed_type"] == "FSDP" or sharded:
+        facts["sharded_parameters"] = sharded
+    if isinstance(trainer, ShardedSFTTrainer):
+        facts["fsdp"] = "herd FSDP2 (fully_shard per decoder layer + root)"
     return facts
 
 
@@ -184,7 +219,8 @@ def run(cfg: DictConfig) -> RunResult | None:
     # DeepSpeed evaluates before its engine exists only under ZeRO-3, so ZeRO-2 runs skip it.
     args.eval_on_start = (eval_data is not None and job.train.eval_before_train
                           and job.strategy.name != Strategy.zero2)
-    placement = None if job.strategy.name in strategy.SHARDED else (
+    manual_fsdp2 = strategy.manual_fsdp2(job, device)
+    placement = None if job.strategy.name in strategy.SHARDED and not manual_fsdp2 else (
         f"cuda:{state.local_process_index}" if device == "cuda" else "cpu")
     peft_cfg = dataclasses.replace(job.peft, quant_storage=strategy.quant_storage(job, dtype))
     set_seed(job.train.seed)  # LoRA's A matrices are drawn at creation, before the trainer seeds anything
@@ -192,7 +228,7 @@ def run(cfg: DictConfig) -> RunResult | None:
     model = add_lora(model, peft_cfg, job.train.gradient_checkpointing)
 
     tracker = HerdTracker(job.tracking, run_dir, cfg, seq_len=job.data.max_seq_len)
-    trainer = SFTTrainer(
+    trainer = (ShardedSFTTrainer if manual_fsdp2 else SFTTrainer)(
         model=model,
         args=args,
         train_dataset=train_data,
@@ -201,13 +237,18 @@ def run(cfg: DictConfig) -> RunResult | None:
         callbacks=[EvalSummary(), CompleteMarker(run_dir, state), DebugFaults(), preemption, tracker],
     )
     trainer.add_callback(WrappedModelProbe(trainer))
-    if job.strategy.name not in strategy.SHARDED:
+    if job.strategy.name not in strategy.SHARDED or manual_fsdp2:
         # TRL casts QLoRA adapters to bf16, but a resumed run reloads them from the checkpoint in fp32:
         # the two would train differently. Keep LoRA weights in fp32 throughout (PEFT's own default);
-        # autocast still runs the matmuls in the compute dtype. FSDP needs one dtype, so it keeps TRL's.
+        # autocast still runs the matmuls in the compute dtype. FSDP needs one dtype, so it keeps TRL's;
+        # herd's CPU FSDP2 is all fp32 (4-bit storage included).
         for parameter in trainer.model.parameters():
             if parameter.requires_grad:
                 parameter.data = parameter.data.float()
+    if manual_fsdp2:
+        # After TRL's constructor (which re-assigns the adapters' .data: that must not touch FSDP's shards)
+        # and before train() builds the optimizer over the sharded parameters.
+        strategy.fully_shard_model(trainer.model)
     if state.is_main_process:
         manifest = build_manifest(
             rundir.resolved_config(cfg), state.num_processes, job.strategy.name.value,

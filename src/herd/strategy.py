@@ -31,11 +31,13 @@ def check_compatibility(job: TrainJob, world_size: int, dtype: torch.dtype, devi
     """The compatibility matrix; each rule refuses in one line naming what to change."""
     env = os.environ if env is None else env
     name = job.strategy.name
-    if device == "cpu" and name not in (Strategy.single, Strategy.ddp):
-        # accelerate's CPU mode (MULTI_CPU over gloo) would run FSDP as plain DDP and excludes DeepSpeed
-        # altogether; refusing beats a run that is silently something else.
+    if device == "cpu" and name not in (Strategy.single, Strategy.ddp, Strategy.fsdp):
+        # accelerate's CPU mode (MULTI_CPU over gloo) excludes DeepSpeed; refusing beats a run that is
+        # silently something else. FSDP on CPU is herd's own FSDP2 (manual_fsdp2), not accelerate's.
         raise ConfigError(f"strategy={name.value} needs CUDA GPUs (on CPU accelerate would silently run "
-                          "something else); on CPU use strategy=single or strategy=ddp")
+                          "something else); on CPU use strategy=single, ddp or fsdp")
+    if device == "cpu" and name == Strategy.fsdp and job.strategy.cpu_offload:
+        raise ConfigError("strategy.cpu_offload needs CUDA GPUs (on CPU the weights are in CPU memory already)")
     if name == Strategy.single and world_size > 1:
         raise ConfigError(f"strategy=single but launched with {world_size} processes; "
                           "use strategy=ddp, fsdp, zero2 or zero3")
@@ -76,9 +78,83 @@ def deepspeed_config(job: TrainJob, dtype: torch.dtype) -> dict:
     }
 
 
-def trainer_kwargs(job: TrainJob, dtype: torch.dtype) -> dict:
+def manual_fsdp2(job: TrainJob, device: str) -> bool:
+    """strategy=fsdp on CPU: accelerate would silently run FSDP as DDP there (PLATFORM_NOTES), so herd
+    shards the model itself with torch's FSDP2 (`fully_shard`, gloo) and keeps accelerate from wrapping it."""
+    return job.strategy.name == Strategy.fsdp and device == "cpu"
+
+
+def fully_shard_model(model: torch.nn.Module) -> int:
+    """FSDP2 by hand: each decoder layer is one shard group, the root (embeddings, norm, head) another.
+    Called after LoRA is attached (its weights are sharded and reduce-scattered with the rest) and before
+    the trainer builds its optimizer. Returns the number of sharded parameters (DTensors)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    layer_classes = set(getattr(model.get_base_model() if hasattr(model, "get_base_model") else model,
+                                "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    if not layers:
+        raise ConfigError(f"strategy=fsdp: found no decoder layers ({sorted(layer_classes)}) to shard")
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=True)
+    fully_shard(model, reshard_after_forward=True)
+    # accelerate's MULTI_CPU prepare would wrap the sharded model in DistributedDataParallel; a model
+    # marked as prepared is returned as it is (accelerate 1.15 Accelerator.prepare_model).
+    model._is_accelerate_prepared = True
+    return sum(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable (adapter) weights gathered whole; a collective: every rank must call it."""
+    from torch.distributed.tensor import DTensor
+
+    return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
+            for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_full_trainable_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> None:
+    """Inverse of full_trainable_state_dict: each rank keeps its own shard of every full tensor. Keys may
+    lack the adapter name (PEFT's saved format: `lora_A.weight` for `lora_A.default.weight`)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = name if name in full else name.replace(".default.", ".")
+        value = full[key].to(p.dtype)
+        with torch.no_grad():
+            if isinstance(p, DTensor):
+                p.copy_(distribute_tensor(value, p.device_mesh, p.placements))
+            else:
+                p.copy_(value)
+
+
+def local_optimizer_state(state: dict) -> dict:
+    """An optimizer state dict with each DTensor replaced by this rank's shard (saved once per rank)."""
+    from torch.distributed.tensor import DTensor
+
+    return {**state, "state": {k: {n: (v.to_local() if isinstance(v, DTensor) else v) for n, v in s.items()}
+                               for k, s in state["state"].items()}}
+
+
+def reshard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """After loading a local_optimizer_state: wrap each shard back into a DTensor like its parameter."""
+    from torch.distributed.tensor import DTensor
+
+    for p, s in optimizer.state.items():
+        if not isinstance(p, DTensor):
+            continue
+        for n, v in list(s.items()):
+            if torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.to_local().shape and v.dim():
+                s[n] = DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+
+
+def trainer_kwargs(job: TrainJob, dtype: torch.dtype, device: str = "cuda") -> dict:
     """Extra TrainingArguments for the strategy."""
     name = job.strategy.name
+    if manual_fsdp2(job, device):
+        return {}  # herd shards the model itself (fully_shard_model); accelerate must not know about FSDP
     if name in DEEPSPEED:
         return {"deepspeed": deepspeed_config(job, dtype)}
     if name == Strategy.fsdp:
