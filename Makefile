@@ -25,6 +25,7 @@ install: $(STAMP)
 # writes the adapter, and prints where everything is.
 demo: $(STAMP)
 	$(PY) -m train experiment=tiny-demo
+	$(PY) -m infer.generate run_dir=runs/tiny-demo generate.max_new_tokens=48
 
 test: $(STAMP)
 	$(PY) -m pytest -q
