@@ -18,7 +18,7 @@ from trl import SFTConfig, SFTTrainer
 
 from herd import rundir, strategy
 from herd.checkpoints import CompleteMarker, DebugFaults, last_complete_checkpoint
-from herd.config import ConfigError, Strategy, TrainJob
+from herd.config import Strategy, TrainJob, gradient_accumulation
 from herd.data import load_splits
 from herd.manifest import MANIFEST, build_manifest
 from herd.modeling import (
@@ -42,18 +42,6 @@ class RunResult:
     adapter_dir: Path
     eval_loss_before: float | None
     eval_loss_after: float | None
-
-
-def gradient_accumulation(job: TrainJob, world_size: int) -> int:
-    """The user sets the global batch and the micro batch; accumulation follows, or the batch is refused."""
-    per_step = job.train.micro_batch_size * world_size
-    if job.train.global_batch_size % per_step:
-        raise ConfigError(
-            f"train.global_batch_size={job.train.global_batch_size} is not divisible by "
-            f"train.micro_batch_size x processes = {job.train.micro_batch_size} x {world_size}; "
-            f"use a multiple of {per_step}"
-        )
-    return job.train.global_batch_size // per_step
 
 
 class WrappedModelProbe(TrainerCallback):
@@ -197,7 +185,8 @@ def run(cfg: DictConfig) -> RunResult | None:
     check_fits(job, settings, plan, location, device_bytes)
     strategy.prepare_launch(device)
     state = PartialState(cpu=device == "cpu")
-    accumulation = gradient_accumulation(job, state.num_processes)
+    accumulation = gradient_accumulation(job.train.global_batch_size, job.train.micro_batch_size,
+                                         state.num_processes)
     run_dir = Path(job.output_dir).resolve()
     resume_from = last_complete_checkpoint(run_dir) if run_dir.exists() else None
     if state.is_main_process:

@@ -175,6 +175,17 @@ class TrainJob:
     force: bool = False  # launch even when the plan says the job does not fit
 
 
+def gradient_accumulation(global_batch_size: int, micro_batch_size: int, processes: int) -> int:
+    """The user sets the global batch and the micro batch; accumulation follows, or the batch is refused."""
+    per_step = micro_batch_size * processes
+    if global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={global_batch_size} is not divisible by "
+            f"train.micro_batch_size x processes = {micro_batch_size} x {processes}; use a multiple of {per_step}"
+        )
+    return global_batch_size // per_step
+
+
 def register_configs() -> None:
     """Make the schemas available to conf/*.yaml defaults lists; call before Hydra composes."""
     store = ConfigStore.instance()

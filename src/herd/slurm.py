@@ -24,7 +24,7 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from herd.config import ConfigError, HerdError
+from herd.config import ConfigError, HerdError, gradient_accumulation
 from herd.paths import REPO_ROOT
 
 TEMPLATE = REPO_ROOT / "slurm" / "train.sbatch"
@@ -222,10 +222,7 @@ def check_launch(cfg: DictConfig, cluster: ClusterConfig) -> None:
     if processes > 1 and cfg.strategy.name == "single":
         raise ConfigError(f"strategy=single but the job runs {processes} processes ({where}); "
                           "add strategy=ddp (or fsdp, zero2, zero3)")
-    per_step = cfg.train.micro_batch_size * processes
-    if cfg.train.global_batch_size % per_step:
-        raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by "
-                          f"train.micro_batch_size x processes = {cfg.train.micro_batch_size} x {processes} ({where})")
+    gradient_accumulation(cfg.train.global_batch_size, cfg.train.micro_batch_size, processes)
 
 
 def _without_key(overrides: list[str], key: str) -> list[str]:
