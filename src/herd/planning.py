@@ -7,7 +7,7 @@ from __future__ import annotations
 import shlex
 import sys
 
-from herd.config import ConfigError, Quant, Strategy, TrainJob
+from herd.config import ConfigError, Quant, TrainJob
 from herd.plan import GB, MemoryPlan, Settings, estimate_settings, load_model_shape, suggest
 
 
@@ -68,6 +68,3 @@ def device_memory_bytes(job: TrainJob, device: str) -> int | None:
 
         return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     return None  # CPU: the plan is GPU memory; nothing to check against
-
-
-__all__ = ["Strategy", "check_fits", "device_memory_bytes", "launch_commands", "plan_job"]
