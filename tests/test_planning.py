@@ -51,3 +51,9 @@ def test_train_refuses_before_loading_and_plan_true_prints(tmp_path):
     assert "quantized linear weights" in shown.stdout and "total per GPU" in shown.stdout
     assert "python -m herd.slurm submit model=llama2-70b plan" not in shown.stdout
     assert "python -m herd.slurm submit model=llama2-70b strategy=ddp" in shown.stdout
+
+
+def test_unreadable_model_config_is_one_line():
+    train_job = job("7b", 2048, 1)
+    with pytest.raises(ConfigError, match=r"cannot read the config.json of model.path=/nonexistent/model: "):
+        plan_job(train_job, 1, "/nonexistent/model")
