@@ -44,7 +44,8 @@ def launch2(module: str, *args: str, check: bool = True, timeout: int = 600) -> 
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()), "-m", module, *args,
     ]
-    env = {**os.environ, **OFFLINE_ENV, "ACCELERATE_USE_CPU": "true"}
+    env = {**os.environ, **OFFLINE_ENV}  # no ACCELERATE_USE_CPU: herd sets what accelerate needs on CPU
+    env.pop("ACCELERATE_USE_CPU", None)
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
                             check=False)
     if check and result.returncode != 0:

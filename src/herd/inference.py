@@ -119,7 +119,10 @@ def start_processes(device: str):
     """
     from accelerate import PartialState
 
+    from herd.strategy import prepare_launch
+
     device = resolve_device(device)
+    prepare_launch(device)  # ACCELERATE_USE_CPU too, for the Accelerator that lm-eval builds
     state = PartialState(cpu=device == "cpu")
     if device == "cuda" and state.num_processes > 1:
         device = f"cuda:{state.local_process_index}"
