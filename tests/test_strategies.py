@@ -21,8 +21,10 @@ LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--
 
 
 def job(strategy=Strategy.single, quant=Quant.nf4, storage="auto", stage=0) -> TrainJob:
+    offload = strategy == Strategy.zero3_offload
     return TrainJob(model=ModelConfig(name="m", path="p"), peft=PeftConfig(quant=quant, quant_storage=storage),
-                    strategy=StrategyConfig(name=strategy, zero_stage=stage), output_dir="o")
+                    strategy=StrategyConfig(name=strategy, zero_stage=stage, offload_optimizer=offload,
+                                            offload_params=offload), output_dir="o")
 
 
 @pytest.mark.parametrize(
@@ -39,7 +41,8 @@ def job(strategy=Strategy.single, quant=Quant.nf4, storage="auto", stage=0) -> T
         (dict(strategy=Strategy.zero3, storage="float16", stage=3), 2, "cuda", {},
          "needs peft.quant_storage equal to the param dtype (bfloat16), got float16"),
         (dict(strategy=Strategy.zero2, stage=0), 2, "cuda", {}, "needs strategy.zero_stage 2 or 3"),
-        (dict(strategy=Strategy.zero3, stage=3), 2, "cpu", {}, "strategy=zero3 needs CUDA GPUs"),
+        (dict(strategy=Strategy.zero3_offload, stage=3), 2, "cpu", {},
+         "strategy=zero3_offload offloads to CPU memory, which needs CUDA GPUs"),
     ],
 )
 def test_compatibility_matrix_refuses(settings, world, device, env, message):
@@ -62,7 +65,7 @@ def test_fsdp_on_cpu_is_herds_own_fsdp2():
     assert trainer_kwargs(cpu_job, torch.float32, "cpu") == {}
     offload = TrainJob(model=ModelConfig(name="m", path="p"), peft=PeftConfig(), output_dir="o",
                        strategy=StrategyConfig(name=Strategy.fsdp, cpu_offload=True))
-    with pytest.raises(ConfigError, match="strategy.cpu_offload needs CUDA GPUs"):
+    with pytest.raises(ConfigError, match="strategy=fsdp offloads to CPU memory, which needs CUDA GPUs"):
         check_compatibility(offload, 2, torch.float32, "cpu", {})
 
 
@@ -212,5 +215,38 @@ def test_fsdp2_two_processes_on_cpu_shards_saves_and_resumes(tmp_path, tiny_mode
     assert any(p.abs().sum() > 0 for name, p in model.named_parameters() if "lora_B" in name)
     # The same run without the kill: resuming restores each rank's optimizer shard and the adapter.
     straight = launch(tmp_path, *RESUME, "strategy=fsdp", f"output_dir={tmp_path / 'straight'}")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert_same_run(tmp_path / "straight", run_dir)
+
+
+@pytest.mark.parametrize("name, stage", [("zero2", 2), ("zero3", 3)])
+def test_deepspeed_zero_two_processes_on_cpu_trains_saves_and_resumes(name, stage, tmp_path, tiny_model_dir):
+    """DeepSpeed on CPU for real: accelerate's CPU mode would drop DeepSpeed, so herd gives DeepSpeed its CPU
+    accelerator and a gloo group; the engine, the ZeRO stage, 2 processes and (ZeRO-3) partitioned
+    parameters are asserted, and a SIGKILLed run resumes from DeepSpeed's checkpoint exactly."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run_dir = tmp_path / "run"
+    killed = launch(tmp_path, *RESUME, f"strategy={name}", f"output_dir={run_dir}",
+                    env={"HERD_DEBUG_KILL_AFTER_STEP": "2"})
+    assert killed.returncode != 0
+    assert {"global_step2", "herd-complete"} <= {p.name for p in (run_dir / "checkpoint-2").iterdir()}
+    resumed = launch(tmp_path, *RESUME, f"strategy={name}", f"output_dir={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from checkpoint-2" in resumed.stdout
+    facts = json.loads((run_dir / "metrics.json").read_text())["distributed"]
+    assert facts["distributed_type"] == "DEEPSPEED" and facts["num_processes"] == 2
+    assert facts["wrapped_model"] == "DeepSpeedEngine" and facts["zero_stage"] == stage
+    assert facts["quantized_linear_layers"] > 0  # QLoRA: the base stayed 4-bit under DeepSpeed
+    if stage == 3:
+        assert facts["partitioned_parameters"] > 0
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["environment"]["DS_ACCELERATOR"] == "cpu" and "ACCELERATE_USE_CPU" not in manifest["environment"]
+    weights = adapter(run_dir)
+    assert weights and all("lora_" in key and value.dtype == torch.float32 for key, value in weights.items())
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    PeftModel.from_pretrained(base, str(run_dir / "adapter"))  # whole tensors, not ZeRO partitions
+    straight = launch(tmp_path, *RESUME, f"strategy={name}", f"output_dir={tmp_path / 'straight'}")
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert_same_run(tmp_path / "straight", run_dir)

@@ -94,7 +94,10 @@ def training_arguments(job: TrainJob, run_dir: Path, device: str, dtype: torch.d
         activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         bf16=dtype == torch.bfloat16,  # TRL turns bf16 on by default; CPU runs need it off
-        use_cpu=device == "cpu",
+        use_cpu=device == "cpu" and not strategy.deepspeed_on_cpu(job, device),
+        # DeepSpeed on CPU needs the PartialState herd set up (strategy.distributed_state); elsewhere the
+        # trainer builds its own, as it always has.
+        accelerator_config={"use_configured_state": strategy.deepspeed_on_cpu(job, device)},
         logging_steps=t.logging_steps,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=t.eval_steps,
@@ -158,6 +161,10 @@ def distributed_facts(trainer, state: PartialState) -> dict:
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         facts["zero_stage"] = plugin.zero_stage
+        # ZeRO-3 parameters are DeepSpeed-partitioned tensors (ds_id); each rank holds a slice of each.
+        facts["partitioned_parameters"] = sum(hasattr(p, "ds_id") for p in trainer.model.parameters())
+    facts["quantized_linear_layers"] = sum(type(m).__name__ in ("Linear4bit", "Linear8bitLt")
+                                           for m in trainer.model.modules())
     from torch.distributed.tensor import DTensor
 
     sharded = sum(isinstance(p, DTensor) for p in trainer.model.parameters())
@@ -183,8 +190,8 @@ def run(cfg: DictConfig) -> RunResult | None:
         print("launch with:\n  " + "\n  ".join(launch_commands(world_size)), flush=True)
         return None
     check_fits(job, settings, plan, location, device_bytes)
-    strategy.prepare_launch(device)
-    state = PartialState(cpu=device == "cpu")
+    strategy.prepare_launch(device, job)
+    state = strategy.distributed_state(job, device)
     accumulation = gradient_accumulation(job.train.global_batch_size, job.train.micro_batch_size,
                                          state.num_processes)
     run_dir = Path(job.output_dir).resolve()
@@ -226,14 +233,15 @@ def run(cfg: DictConfig) -> RunResult | None:
         callbacks=[EvalSummary(), CompleteMarker(run_dir, state), DebugFaults(), preemption, tracker],
     )
     trainer.add_callback(WrappedModelProbe(trainer))
-    if job.strategy.name not in strategy.SHARDED or manual_fsdp2:
-        # TRL casts QLoRA adapters to bf16, but a resumed run reloads them from the checkpoint in fp32:
-        # the two would train differently. Keep LoRA weights in fp32 throughout (PEFT's own default);
-        # autocast still runs the matmuls in the compute dtype. FSDP needs one dtype, so it keeps TRL's;
-        # herd's CPU FSDP2 is all fp32 (4-bit storage included).
-        for parameter in trainer.model.parameters():
-            if parameter.requires_grad:
-                parameter.data = parameter.data.float()
+    # TRL casts QLoRA adapters to bf16, but a resumed run reloads them from the checkpoint in fp32: the two
+    # would train differently. herd keeps LoRA weights fp32 (PEFT's own default; autocast still runs the
+    # matmuls in the compute dtype) except where a sharded strategy flattens them together with the base
+    # weights: those need one dtype, the training dtype (bf16 on GPU, fp32 on CPU; herd's CPU FSDP2 and
+    # DeepSpeed on CPU are all fp32, 4-bit storage included).
+    adapter_dtype = dtype if job.strategy.name in strategy.SHARDED and not manual_fsdp2 else torch.float32
+    for parameter in trainer.model.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.to(adapter_dtype)
     if manual_fsdp2:
         # After TRL's constructor (which re-assigns the adapters' .data: that must not touch FSDP's shards)
         # and before train() builds the optimizer over the sharded parameters.

@@ -3,7 +3,10 @@ to the trainer as FSDP / DeepSpeed settings (no accelerate config file needed)."
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
+from pathlib import Path
 
 import torch
 
@@ -13,11 +16,52 @@ SHARDED = (Strategy.fsdp, Strategy.zero3, Strategy.zero3_offload)
 DEEPSPEED = (Strategy.zero2, Strategy.zero3, Strategy.zero3_offload)
 
 
-def prepare_launch(device: str) -> None:
+def deepspeed_on_cpu(job: TrainJob, device: str) -> bool:
+    return device == "cpu" and job.strategy.name in DEEPSPEED
+
+
+def prepare_launch(device: str, job: TrainJob | None = None) -> None:
     """accelerate falls back silently on CPU: without ACCELERATE_USE_CPU every rank of a multi-process
-    launch trains alone (PLATFORM_NOTES). Set what it needs before any accelerate state exists."""
-    if device == "cpu":
+    launch trains alone (PLATFORM_NOTES). Set what it needs before any accelerate state exists.
+
+    DeepSpeed on CPU is the exception: accelerate's CPU mode never selects DeepSpeed, so those runs are not
+    "CPU" to accelerate at all; they get DeepSpeed's CPU accelerator, a gloo process group and a CPU
+    device instead (see distributed_state)."""
+    if device != "cpu":
+        return
+    if job is not None and deepspeed_on_cpu(job, device):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # DeepSpeed compiles a shared-memory op on first use (~40 s) into a cache that two venvs would keep
+        # invalidating for each other (PLATFORM_NOTES): one cache per Python environment.
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / (
+            "herd-" + hashlib.sha1(sys.prefix.encode()).hexdigest()[:10])))
+        os.environ.pop("ACCELERATE_USE_CPU", None)  # accelerate's CPU mode would drop DeepSpeed silently
+        os.environ["ACCELERATE_TORCH_DEVICE"] = "cpu"
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        if "LOCAL_RANK" not in os.environ:  # `python -m train` without a launcher: a one-process group
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    else:
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def distributed_state(job: TrainJob, device: str):
+    """accelerate's PartialState, created before the trainer so that the trainer reuses it
+    (TrainingArguments accelerator_config use_configured_state). For DeepSpeed on CPU the backend must be
+    named: without CUDA accelerate finds none and reports one process while DeepSpeed trains on all."""
+    from accelerate import PartialState
+
+    if deepspeed_on_cpu(job, device):
+        return PartialState(backend="gloo")
+    return PartialState(cpu=device == "cpu")
 
 
 def quant_storage(job: TrainJob, dtype: torch.dtype) -> str:
@@ -31,13 +75,10 @@ def check_compatibility(job: TrainJob, world_size: int, dtype: torch.dtype, devi
     """The compatibility matrix; each rule refuses in one line naming what to change."""
     env = os.environ if env is None else env
     name = job.strategy.name
-    if device == "cpu" and name not in (Strategy.single, Strategy.ddp, Strategy.fsdp):
-        # accelerate's CPU mode (MULTI_CPU over gloo) excludes DeepSpeed; refusing beats a run that is
-        # silently something else. FSDP on CPU is herd's own FSDP2 (manual_fsdp2), not accelerate's.
-        raise ConfigError(f"strategy={name.value} needs CUDA GPUs (on CPU accelerate would silently run "
-                          "something else); on CPU use strategy=single, ddp or fsdp")
-    if device == "cpu" and name == Strategy.fsdp and job.strategy.cpu_offload:
-        raise ConfigError("strategy.cpu_offload needs CUDA GPUs (on CPU the weights are in CPU memory already)")
+    if device == "cpu" and (job.strategy.cpu_offload or job.strategy.offload_optimizer
+                            or job.strategy.offload_params):
+        raise ConfigError(f"strategy={name.value} offloads to CPU memory, which needs CUDA GPUs (on CPU the "
+                          "weights and optimizer are in CPU memory already); on CPU use strategy=fsdp or zero3")
     if name == Strategy.single and world_size > 1:
         raise ConfigError(f"strategy=single but launched with {world_size} processes; "
                           "use strategy=ddp, fsdp, zero2 or zero3")
