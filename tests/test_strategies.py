@@ -108,7 +108,11 @@ def test_sigkill_after_a_step_then_same_command_resumes_exactly(uninterrupted, t
     assert killed.returncode == -9 and not (run_dir / "adapter").exists()
     resumed = run_module("train", *RESUME, f"output_dir={run_dir}")
     assert "resuming from checkpoint-2" in resumed.stdout
-    assert json.loads((run_dir / "metrics.json").read_text())["resumed_from"] == "checkpoint-2"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["resumed_from"] == "checkpoint-2"
+    facts = metrics["distributed"]  # strategy=single: one plain process, no wrapper
+    assert facts["distributed_type"] == "NO" and facts["num_processes"] == 1
+    assert facts["wrapped_model"] == "PeftModelForCausalLM" and facts["quantized_linear_layers"] > 0
     assert_same_run(uninterrupted, run_dir)
 
 
