@@ -82,7 +82,7 @@ def conversations(n: int) -> list[list[dict]]:
     return [guanaco_to_messages(row["text"]) for row in generate_guanaco_rows(n, seed=1)]
 
 
-def herd_trainer(model_dir: Path, convs, output_dir: str, args, callbacks, tokenizer):
+def herd_trainer(model_dir: Path, convs, output_dir: str, args, callbacks, tokenizer, one_row: bool = False):
     """herd's own path: herd.data tokenization with assistant-only labels, herd.modeling loading,
     train.recipe's trainer arguments, packing on."""
     from datasets import Dataset
@@ -91,6 +91,7 @@ def herd_trainer(model_dir: Path, convs, output_dir: str, args, callbacks, token
     from herd.config import DataConfig, ModelConfig, PeftConfig, StrategyConfig, TrainConfig, TrainJob
     from herd.data import tokenize_conversations
     from herd.modeling import add_lora, load_base_model
+    from herd.packing import collate_packed_bins_per_row
     from train.recipe import training_arguments
 
     device = args.device
@@ -116,6 +117,8 @@ def herd_trainer(model_dir: Path, convs, output_dir: str, args, callbacks, token
     for parameter in trainer.model.parameters():  # as train.recipe does for non-sharded runs
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
+    if not one_row:  # as train.recipe does; "herd-one-row" keeps TRL's flattened row for comparison
+        collate_packed_bins_per_row(trainer, args.attn)
     return trainer
 
 
@@ -129,7 +132,8 @@ def measure(side: str, args, model_dir: Path, convs, tokenizer) -> dict:
                                              micro_batch=args.micro_batch, max_length=args.seq_len,
                                              device=args.device, callbacks=[timer], tokenizer=tokenizer)
         else:
-            trainer = herd_trainer(model_dir, convs, output_dir, args, [timer], tokenizer)
+            trainer = herd_trainer(model_dir, convs, output_dir, args, [timer], tokenizer,
+                                   one_row=side == "herd-one-row")
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
@@ -177,7 +181,8 @@ def main() -> None:
     parser.add_argument("--no-packing", action="store_true")
     parser.add_argument("--model-dir", default=None)
     parser.add_argument("--attn", default="sdpa", help="herd's attention: sdpa | flex_attention | eager")
-    parser.add_argument("--sides", default="baseline,herd")
+    parser.add_argument("--sides", default="baseline,herd", help="baseline, herd, herd-one-row (TRL's "
+                        "flattened packed row instead of herd's row per bin)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 

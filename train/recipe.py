@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from herd import rundir, strategy
+from herd import packing, rundir, strategy
 from herd.checkpoints import CompleteMarker, DebugFaults, last_complete_checkpoint
 from herd.config import Strategy, TrainJob, gradient_accumulation
 from herd.data import load_splits
@@ -233,6 +233,7 @@ def run(cfg: DictConfig) -> RunResult | None:
         callbacks=[EvalSummary(), CompleteMarker(run_dir, state), DebugFaults(), preemption, tracker],
     )
     trainer.add_callback(WrappedModelProbe(trainer))
+    packed_rows = packing.collate_packed_bins_per_row(trainer, job.model.attn_implementation)
     # TRL casts QLoRA adapters to bf16, but a resumed run reloads them from the checkpoint in fp32: the two
     # would train differently. herd keeps LoRA weights fp32 (PEFT's own default; autocast still runs the
     # matmuls in the compute dtype) except where a sharded strategy flattens them together with the base
@@ -267,6 +268,7 @@ def run(cfg: DictConfig) -> RunResult | None:
             "eval_loss_before": before, "eval_loss_after": after, "global_step": trainer.state.global_step,
             "final_train_loss": last_train_loss(trainer), "resumed_from": resume_from.name if resume_from else None,
             "data": report.summary(), "distributed": facts,
+            "packing": ("row per bin" if packed_rows else "one flattened row") if job.train.packing else None,
         })
         rundir.write_json(run_dir / rundir.RUN_INFO, {
             "base_model": location, "model": OmegaConf.to_container(cfg.model, enum_to_str=True),
