@@ -101,7 +101,6 @@ class DataConfig:
     bad_rows: BadRows = BadRows.skip
     seed: int = 42  # for the subset and the split
     cache_dir: str = ".herd/cache/tokenized"  # tokenized data, keyed by a fingerprint of inputs
-    num_proc: int = 1  # processes for tokenization
 
 
 @dataclass

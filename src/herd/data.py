@@ -165,7 +165,7 @@ def cache_key(data_cfg: DataConfig, tokenizer) -> str:
     settings = {
         k: (v.value if hasattr(v, "value") else v)
         for k, v in asdict(data_cfg).items()
-        if k not in ("name", "cache_dir", "num_proc", "bad_rows")
+        if k not in ("name", "cache_dir", "bad_rows")
     }
     payload = json.dumps(
         {
