@@ -128,6 +128,30 @@ def test_kill_during_checkpoint_write_resumes_from_the_previous_one(uninterrupte
     assert_same_run(uninterrupted, run_dir)
 
 
+def test_rerunning_a_finished_run_does_nothing_and_a_final_checkpoint_is_replayed_exactly(uninterrupted,
+                                                                                         tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    adapter_file = run_dir / "adapter" / "adapter_model.safetensors"
+    before = adapter_file.stat().st_mtime_ns
+    again = run_module("train", *RESUME, f"output_dir={run_dir}")  # e.g. a requeue after the run ended
+    assert "already finished at step 4; nothing to do" in again.stdout
+    assert adapter_file.stat().st_mtime_ns == before
+    # Killed after the last checkpoint but before the final outputs: the trainer would run a 5th step from
+    # checkpoint-4, so herd replays from checkpoint-2 instead and ends exactly where the straight run did.
+    (run_dir / "metrics.json").unlink()
+    shutil.rmtree(run_dir / "adapter")
+    replayed = run_module("train", *RESUME, f"output_dir={run_dir}")
+    assert "checkpoint-4 is at the last step but the run did not finish; replaying from checkpoint-2" in \
+        replayed.stdout
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["global_step"] == 4 and metrics["resumed_from"] == "checkpoint-2"
+    assert (run_dir / "checkpoint-4" / "herd-complete").exists()  # rewritten by the replay
+    assert_same_run(uninterrupted, run_dir)
+
+
 def launch(tmp_path, *args, env=None, timeout=600):
     full_env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(REPO), **(env or {})}
     full_env.pop("HERD_RUN_ID", None)

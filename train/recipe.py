@@ -17,7 +17,7 @@ from transformers import TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from herd import packing, rundir, strategy
-from herd.checkpoints import CompleteMarker, DebugFaults, last_complete_checkpoint
+from herd.checkpoints import CompleteMarker, DebugFaults, discard_checkpoints, finished_run, resume_point
 from herd.config import Strategy, TrainJob, gradient_accumulation
 from herd.data import load_splits
 from herd.manifest import MANIFEST, build_manifest
@@ -195,7 +195,18 @@ def run(cfg: DictConfig) -> RunResult | None:
     accumulation = gradient_accumulation(job.train.global_batch_size, job.train.micro_batch_size,
                                          state.num_processes)
     run_dir = Path(job.output_dir).resolve()
-    resume_from = last_complete_checkpoint(run_dir) if run_dir.exists() else None
+    finished = finished_run(run_dir, job.train.max_steps, rundir.METRICS, rundir.ADAPTER_DIR)
+    if finished is not None:  # e.g. a requeued job whose run had already ended: nothing to redo
+        if state.is_main_process:
+            print(f"herd: run {run_dir} already finished at step {finished['global_step']}; nothing to do "
+                  f"(adapter: {run_dir / rundir.ADAPTER_DIR})", flush=True)
+        return RunResult(run_dir, run_dir / rundir.ADAPTER_DIR, finished.get("eval_loss_before"),
+                         finished.get("eval_loss_after"))
+    resume_from, passed_over = resume_point(run_dir, job.train.max_steps) if run_dir.exists() else (None, [])
+    state.wait_for_everyone()  # every rank has decided before the passed-over checkpoints go
+    if passed_over and state.is_main_process:
+        discard_checkpoints(passed_over)
+    state.wait_for_everyone()
     if state.is_main_process:
         rundir.write_config(run_dir, cfg)
         print(f"herd: run directory {run_dir}; strategy {job.strategy.name.value}, {state.num_processes} "
@@ -266,6 +277,7 @@ def run(cfg: DictConfig) -> RunResult | None:
         tokenizer.save_pretrained(str(adapter_dir))
         rundir.write_json(run_dir / rundir.METRICS, {
             "eval_loss_before": before, "eval_loss_after": after, "global_step": trainer.state.global_step,
+            "max_steps": trainer.state.max_steps,
             "final_train_loss": last_train_loss(trainer), "resumed_from": resume_from.name if resume_from else None,
             "data": report.summary(), "distributed": facts,
             "packing": ("row per bin" if packed_rows else "one flattened row") if job.train.packing else None,

@@ -6,9 +6,11 @@ every rank has finished its part. A directory without the marker (a kill mid-wri
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import shutil
 import signal
 from pathlib import Path
 
@@ -33,6 +35,55 @@ def last_complete_checkpoint(run_dir: Path) -> Path | None:
         log.warning("skipping incomplete checkpoint %s (no %s marker: interrupted while saving)", path, COMPLETE)
         print(f"herd: skipping incomplete checkpoint {path.name} (interrupted while saving)", flush=True)
     return None
+
+
+def checkpoint_steps(checkpoint: Path) -> tuple[int, int]:
+    """(global_step, max_steps) recorded by the trainer in the checkpoint."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return state["global_step"], state["max_steps"]
+
+
+def is_final(checkpoint: Path, max_steps: int) -> bool:
+    """Whether training was over at this checkpoint (max_steps <= 0: the step count the run itself derived
+    from its epochs)."""
+    step, recorded_max = checkpoint_steps(checkpoint)
+    return step >= (max_steps if max_steps > 0 else recorded_max)
+
+
+def resume_point(run_dir: Path, max_steps: int) -> tuple[Path | None, list[Path]]:
+    """The checkpoint to resume from, and the final checkpoints passed over to get there.
+
+    The newest complete checkpoint, unless training was already over there: the trainer always runs one
+    more step after resuming, even from the last step (transformers 5.23: max_steps 8 resumed from
+    checkpoint-8 ends at step 9). A final checkpoint is passed over for the newest complete one before it;
+    resume is exact, so replaying the last steps gives the same result. The passed-over checkpoints must
+    be discarded before training rewrites them (discard_checkpoints)."""
+    resume, final = last_complete_checkpoint(run_dir), []
+    while resume is not None and is_final(resume, max_steps):
+        final.append(resume)
+        earlier = [p for _, p in checkpoints(run_dir) if p not in final and (p / COMPLETE).exists()]
+        resume = earlier[-1] if earlier else None
+    if final:
+        print(f"herd: {final[0].name} is at the last step but the run did not finish; replaying from "
+              f"{resume.name if resume else 'the start'}", flush=True)
+    return resume, final
+
+
+def discard_checkpoints(paths: list[Path]) -> None:
+    for path in paths:
+        (path / COMPLETE).unlink(missing_ok=True)  # never a complete-marked, half-rewritten checkpoint
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def finished_run(run_dir: Path, max_steps: int, metrics_name: str, adapter_name: str) -> dict | None:
+    """The metrics of a run that already finished (its final metrics and adapter are written) at or past
+    the step target; None when there is training left to do."""
+    metrics_path = run_dir / metrics_name
+    if not metrics_path.exists() or not (run_dir / adapter_name).is_dir():
+        return None
+    metrics = json.loads(metrics_path.read_text())
+    target = max_steps if max_steps > 0 else metrics.get("max_steps")
+    return metrics if target is not None and metrics.get("global_step", -1) >= target else None
 
 
 def _kill_self(reason: str) -> None:
