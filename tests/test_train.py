@@ -1,6 +1,7 @@
 """QLoRA training on the tiny model end to end, the adapter reloaded by plain PEFT, the bnb CPU trap."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -21,6 +22,11 @@ def test_training_lowers_eval_loss_and_writes_the_run(trained_run):
     config = yaml.safe_load((trained_run / "config.yaml").read_text())
     assert config["model"]["name"] == "tiny" and config["train"]["max_steps"] == 20
     assert sorted(p.name for p in trained_run.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-20"]
+    # transformers writes safetensors 0600; on a shared cluster the group must be able to read the outputs.
+    umask = os.umask(0)
+    os.umask(umask)
+    for weights in (adapter / "adapter_model.safetensors", trained_run / "checkpoint-20" / "adapter_model.safetensors"):
+        assert weights.stat().st_mode & 0o777 == 0o666 & ~umask, weights
 
 
 RELOAD = r"""

@@ -29,6 +29,7 @@ from herd.modeling import (
     resolve_device,
     resolve_precision,
 )
+from herd.paths import share_per_umask
 from herd.planning import check_fits, device_memory_bytes, launch_commands, plan_job
 from herd.preempt import Preemption
 from herd.tracking import HerdTracker
@@ -275,6 +276,7 @@ def run(cfg: DictConfig) -> RunResult | None:
     facts = distributed_facts(trainer, state)
     if state.is_main_process:
         tokenizer.save_pretrained(str(adapter_dir))
+        share_per_umask(adapter_dir)
         rundir.write_json(run_dir / rundir.METRICS, {
             "eval_loss_before": before, "eval_loss_after": after, "global_step": trainer.state.global_step,
             "max_steps": trainer.state.max_steps,

@@ -26,6 +26,7 @@ from herd.config import ConfigError, HerdError, Quant
 from herd.infer_config import InferJob
 from herd.inference import load_for_inference, output_path, resolve_source, start_processes
 from herd.modeling import resolve_precision
+from herd.paths import share_per_umask
 
 # Fixed prompts for the numeric check: different lengths, a system prompt and a second turn.
 CHECK_CONVERSATIONS = [
@@ -88,15 +89,11 @@ def run(cfg: DictConfig) -> Path:
         if not difference <= tolerance:  # NaN fails too
             raise HerdError(f"merge check failed: max |logit difference| {difference:.3g} > merge.tolerance "
                             f"{tolerance:g}; nothing written to {output}")
-        umask = os.umask(0)
-        os.umask(umask)
-        for path in staging.iterdir():  # transformers writes safetensors 0600; a merged model is for sharing
-            os.chmod(path, 0o666 & ~umask)
         (staging / "herd_merge.json").write_text(json.dumps({
             **source.describe(), "dtype": str(dtype), "max_logit_difference": difference,
             "tolerance": tolerance,
         }, indent=2) + "\n")
-        os.chmod(staging, 0o777 & ~umask)
+        share_per_umask(staging)  # a merged model is for sharing
         if output.exists():  # merge.overwrite: swap, then drop the old one
             old = output.with_name(f".{output.name}.old-{os.getpid()}")
             output.rename(old)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from herd.paths import share_per_umask
+
 log = logging.getLogger(__name__)
 
 COMPLETE = "herd-complete"
@@ -104,6 +106,7 @@ class CompleteMarker(TrainerCallback):
         if os.environ.get("HERD_DEBUG_KILL_IN_SAVE") == str(state.global_step) and self.state.is_main_process:
             _kill_self(f"killed while saving checkpoint {state.global_step}")
         if self.state.is_main_process and checkpoint.is_dir():
+            share_per_umask(checkpoint)
             (checkpoint / COMPLETE).write_text(f"{state.global_step}\n")
         self.state.wait_for_everyone()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -20,3 +21,14 @@ def resolve_path(path: str | Path, must_exist: bool = True) -> Path:
     if in_repo.exists():
         return in_repo
     raise FileNotFoundError(f"{path} (looked in {Path.cwd()} and {REPO_ROOT})")
+
+
+def share_per_umask(directory: str | Path) -> None:
+    """Give `directory` and the files directly in it the permissions the umask allows. transformers 5
+    writes model.safetensors with mode 0600 and mkdtemp makes 0700 directories: on a shared cluster the
+    group could not read an adapter or a model otherwise."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory = Path(directory)
+    for item in [directory, *directory.iterdir()]:
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)

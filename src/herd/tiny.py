@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from herd.chat import LLAMA2_CHAT_TEMPLATE
+from herd.paths import share_per_umask
 from herd.sample_data import generate_guanaco_rows, generate_llama2_rows
 
 if TYPE_CHECKING:  # transformers/torch import in ~6 s; only the build needs them
@@ -65,11 +66,7 @@ def ensure_tiny_model(path: str | Path) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.building-", dir=path.parent))
     try:
         build_tiny_model(staging)
-        # mkdtemp makes a 0700 directory: open it up (per umask) so a shared cache is readable by others.
-        umask = os.umask(0)
-        os.umask(umask)
-        for item in [staging, *staging.iterdir()]:
-            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)
+        share_per_umask(staging)  # a shared cache, readable by others
         try:
             # rename() replaces an empty directory (e.g. a fixture's mkdir) but fails on a non-empty one.
             os.rename(staging, path)
