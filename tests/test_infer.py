@@ -37,14 +37,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch2(module: str, *args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+def launch2(module: str, *args: str, check: bool = True, timeout: int = 600,
+            env: dict | None = None) -> subprocess.CompletedProcess:
     """`accelerate launch` with 2 CPU processes, as a user runs it."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()), "-m", module, *args,
     ]
-    env = {**os.environ, **OFFLINE_ENV}  # no ACCELERATE_USE_CPU: herd sets what accelerate needs on CPU
+    env = {**os.environ, **OFFLINE_ENV, **(env or {})}  # no ACCELERATE_USE_CPU: herd sets it on CPU itself
     env.pop("ACCELERATE_USE_CPU", None)
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
                             check=False)
@@ -164,8 +165,8 @@ def test_generate_two_processes_resumes_after_a_crash_and_matches_one_process(tr
     final = tmp_path / "two.jsonl"
     parts = final.with_name("two.jsonl.parts")
 
-    crashed = launch2("infer.generate", *common, f"generate.output={final}",
-                      "generate.debug_exit_after_batches=1", check=False)
+    crashed = launch2("infer.generate", *common, f"generate.output={final}", check=False,
+                      env={"HERD_DEBUG_EXIT_AFTER_BATCHES": "1"})
     assert crashed.returncode != 0
     assert not final.exists()  # never a partial final file
     done = [r for p in parts.glob("rank*.jsonl") for r in read_jsonl(p)]

@@ -94,6 +94,8 @@ def run(cfg: DictConfig) -> Path:
     model, tokenizer = load_for_inference(source, job, device, tokenizer)
     started = time.perf_counter()
     new_tokens, written, batches_run = 0, 0, 0
+    # Test hook, like train's HERD_DEBUG_*: rank 0 dies abruptly after this many batches.
+    crash_after = int(os.environ.get("HERD_DEBUG_EXIT_AFTER_BATCHES", "0")) or float("inf")
     for number, batch in rank_batches(plan_batches(lengths, g.batch_size), state.process_index,
                                       state.num_processes):
         todo = [i for i in batch if resumable.record_key(ids[i]) not in done]
@@ -113,7 +115,7 @@ def run(cfg: DictConfig) -> Path:
         new_tokens += sum(r["completion_tokens"] for r in records)
         written += len(records)
         batches_run += 1
-        if g.debug_exit_after_batches and state.is_main_process and batches_run >= g.debug_exit_after_batches:
+        if state.is_main_process and batches_run >= crash_after:
             os._exit(17)  # simulated crash: no cleanup, no barrier, nothing flushed beyond the part file
     writer.close()
     elapsed = time.perf_counter() - started

@@ -46,7 +46,6 @@ class GenerateConfig(SamplingConfig):
     batch_size: int = 8  # prompts per generate call; batches are made once, over all prompts, by length
     output: str | None = None  # JSONL; default <run_dir>/generations/<source>.jsonl
     overwrite: bool = False  # replace an existing output (and discard unfinished parts)
-    debug_exit_after_batches: int = 0  # testing only: rank 0 dies abruptly after this many batches
 
 
 @dataclass
