@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(PY) -m train experiment=tiny-demo
 	$(PY) -m infer.generate run_dir=runs/tiny-demo generate.max_new_tokens=48
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest -q
 
 test-all: $(STAMP)

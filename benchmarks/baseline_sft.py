@@ -61,7 +61,8 @@ if __name__ == "__main__":
     parser.add_argument("output_dir")
     parser.add_argument("--steps", type=int, default=20)
     options = parser.parse_args()
-    rows = [json.loads(line) for line in open(options.data)]
+    with open(options.data) as lines:
+        rows = [json.loads(line) for line in lines]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     build_baseline_trainer(options.model_dir, [r["text"] for r in rows], options.output_dir,
                            steps=options.steps, device=device).train()

@@ -27,8 +27,8 @@ GOLDEN = {
     ),
     "three_turns_system": (
         [SYS, *THREE],
-        "<s>[INST] <<SYS>>\nYou are terse.\n<</SYS>>\n\nHi? [/INST] Hello. </s>"
-        "<s>[INST] 2+2? [/INST] 4 </s><s>[INST] And 3+3? [/INST] 6 </s>",
+        ("<s>[INST] <<SYS>>\nYou are terse.\n<</SYS>>\n\nHi? [/INST] Hello. </s>"
+        "<s>[INST] 2+2? [/INST] 4 </s><s>[INST] And 3+3? [/INST] 6 </s>"),
     ),
 }
 

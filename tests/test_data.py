@@ -16,8 +16,8 @@ def write_jsonl(path, rows):
 
 
 def config(path, tmp_path, **overrides):
-    settings = dict(name="t", path=str(path), format=DataFormat.guanaco, field="text", eval_size=2,
-                    max_seq_len=128, cache_dir=str(tmp_path / "cache"))
+    settings = {"name": "t", "path": str(path), "format": DataFormat.guanaco, "field": "text", "eval_size": 2,
+                    "max_seq_len": 128, "cache_dir": str(tmp_path / "cache")}
     settings.update(overrides)
     return DataConfig(**settings)
 

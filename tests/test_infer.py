@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from omegaconf import OmegaConf
 
 from herd.cli import check_config
 from herd.config import ConfigError, HerdError
+from herd.dist import free_port
 from herd.infer_config import register_infer_configs
 from tests.conftest import OFFLINE_ENV, REPO, run_module
 
@@ -28,13 +28,6 @@ register_infer_configs()
 
 def compose(*overrides: str):
     return check_config("infer", list(overrides))
-
-
-def free_port() -> int:
-    # Other test suites share this machine: never rely on accelerate's default port 29500.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch2(module: str, *args: str, check: bool = True, timeout: int = 600,

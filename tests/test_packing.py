@@ -35,7 +35,7 @@ def test_packed_loss_equals_padded_loss_on_herds_training_model(tiny_model_dir, 
     assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
     # herd's collation for sdpa/eager: BFD-style bins of 3 conversations, one row each (rows of unequal
     # length, so the shorter row ends in padding).
-    bins = [{key: sum((s[key] for s in group), []) for key in ("input_ids", "labels")}
+    bins = [{key: [token for s in group for token in s[key]] for key in ("input_ids", "labels")}
             | {"seq_lengths": [len(s["input_ids"]) for s in group]} for group in (samples[:3], samples[3:])]
     rows = PackedRowsCollator(pad_token_id=0)(bins)
     assert rows["input_ids"].shape[0] == 2 and "attention_mask" not in rows

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from herd.config import ConfigError, ModelConfig, PeftConfig, Quant, Strategy, StrategyConfig, TrainJob
+from herd.dist import free_port
 from herd.strategy import check_compatibility, trainer_kwargs
 from tests.conftest import FAST_TRAIN, OFFLINE_ENV, REPO, run_module
 
@@ -30,18 +31,18 @@ def job(strategy=Strategy.single, quant=Quant.nf4, storage="auto", stage=0) -> T
 @pytest.mark.parametrize(
     "settings, world, device, env, message",
     [
-        (dict(strategy=Strategy.single), 2, "cuda", {}, "strategy=single but launched with 2 processes"),
-        (dict(strategy=Strategy.ddp), 2, "cuda", {"ACCELERATE_USE_DEEPSPEED": "true"},
+        ({"strategy": Strategy.single}, 2, "cuda", {}, "strategy=single but launched with 2 processes"),
+        ({"strategy": Strategy.ddp}, 2, "cuda", {"ACCELERATE_USE_DEEPSPEED": "true"},
          "the launch environment enables DeepSpeed (accelerate config) but strategy=ddp"),
-        (dict(strategy=Strategy.ddp), 2, "cuda", {"ACCELERATE_USE_FSDP": "true"},
+        ({"strategy": Strategy.ddp}, 2, "cuda", {"ACCELERATE_USE_FSDP": "true"},
          "the launch environment enables FSDP (accelerate config) but strategy=ddp"),
-        (dict(strategy=Strategy.fsdp, quant=Quant.int8), 2, "cuda", {}, "peft.quant=int8 cannot be sharded by FSDP"),
-        (dict(strategy=Strategy.fsdp, storage="uint8"), 2, "cuda", {},
+        ({"strategy": Strategy.fsdp, "quant": Quant.int8}, 2, "cuda", {}, "peft.quant=int8 cannot be sharded by FSDP"),
+        ({"strategy": Strategy.fsdp, "storage": "uint8"}, 2, "cuda", {},
          "needs peft.quant_storage equal to the param dtype (bfloat16), got uint8"),
-        (dict(strategy=Strategy.zero3, storage="float16", stage=3), 2, "cuda", {},
+        ({"strategy": Strategy.zero3, "storage": "float16", "stage": 3}, 2, "cuda", {},
          "needs peft.quant_storage equal to the param dtype (bfloat16), got float16"),
-        (dict(strategy=Strategy.zero2, stage=0), 2, "cuda", {}, "needs strategy.zero_stage 2 or 3"),
-        (dict(strategy=Strategy.zero3_offload, stage=3), 2, "cpu", {},
+        ({"strategy": Strategy.zero2, "stage": 0}, 2, "cuda", {}, "needs strategy.zero_stage 2 or 3"),
+        ({"strategy": Strategy.zero3_offload, "stage": 3}, 2, "cpu", {},
          "strategy=zero3_offload offloads to CPU memory, which needs CUDA GPUs"),
     ],
 )
@@ -51,8 +52,8 @@ def test_compatibility_matrix_refuses(settings, world, device, env, message):
     assert message in str(error.value)
 
 
-@pytest.mark.parametrize("settings", [dict(strategy=Strategy.fsdp), dict(strategy=Strategy.zero3, stage=3),
-                                      dict(strategy=Strategy.ddp), dict(strategy=Strategy.zero2, stage=2)])
+@pytest.mark.parametrize("settings", [{"strategy": Strategy.fsdp}, {"strategy": Strategy.zero3, "stage": 3},
+                                      {"strategy": Strategy.ddp}, {"strategy": Strategy.zero2, "stage": 2}])
 def test_compatible_settings_pass(settings):
     check_compatibility(job(**settings), 2, torch.bfloat16, "cuda", {})
 
@@ -193,11 +194,7 @@ def test_a_rank_that_raises_ends_the_launch_quickly(tmp_path, tiny_model_dir):
 
 def test_two_machines_on_loopback_join_one_run(tmp_path, tiny_model_dir):
     """The command a cluster would use, one process per "machine", both on 127.0.0.1."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(REPO)}
     run_dir = tmp_path / "run"
     machines = [

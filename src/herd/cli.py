@@ -67,7 +67,7 @@ def _allowed_keys(config_name: str, full_key: str) -> str:
     base = compose(config_name=config_name)
     parent = OmegaConf.select(base, parent_key) if parent_key else base
     if isinstance(parent, DictConfig):
-        return "allowed keys: " + ", ".join(str(k) for k in parent.keys())
+        return "allowed keys: " + ", ".join(str(k) for k in parent)
     return ""
 
 
@@ -97,7 +97,7 @@ def unknown_keys(node: Any, prefix: str = "") -> list[str]:
     if isinstance(node, DictConfig):
         schema = OmegaConf.get_type(node)
         declared = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
-        for key in node.keys():
+        for key in node:
             full_key = f"{prefix}{key}"
             if declared is not None and key not in declared:
                 found.append(full_key)

@@ -184,7 +184,7 @@ def cache_key(data_cfg: DataConfig, tokenizer) -> str:
 
 
 def _eval_count(eval_size: float, total: int) -> int:
-    count = int(eval_size) if eval_size >= 1 else int(round(total * eval_size))
+    count = int(eval_size) if eval_size >= 1 else round(total * eval_size)
     return min(max(count, 0), total - 1)
 
 

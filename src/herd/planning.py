@@ -34,7 +34,7 @@ def job_settings(job: TrainJob, world_size: int) -> Settings:
 def plan_job(job: TrainJob, world_size: int, location: str) -> tuple[Settings, MemoryPlan]:
     try:
         shape = load_model_shape(location)
-    except Exception as error:  # hub unreachable, gated without HF_TOKEN, no such directory ...
+    except Exception as error:  # noqa: BLE001 -- hub unreachable, gated without HF_TOKEN, no such directory ...
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(f"cannot read the config.json of model.path={location}: {first_line}") from None
     settings = job_settings(job, world_size)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from herd import dist
 from herd.config import ConfigError, Quant, Strategy, TrainJob
 
 SHARDED = (Strategy.fsdp, Strategy.zero3, Strategy.zero3_offload)
@@ -40,17 +41,9 @@ def prepare_launch(device: str, job: TrainJob | None = None) -> None:
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         if "LOCAL_RANK" not in os.environ:  # `python -m train` without a launcher: a one-process group
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(dist.free_port()))
     else:
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def distributed_state(job: TrainJob, device: str):
