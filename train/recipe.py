@@ -164,6 +164,10 @@ def distributed_facts(trainer, state: PartialState) -> dict:
         facts["zero_stage"] = plugin.zero_stage
         # ZeRO-3 parameters are DeepSpeed-partitioned tensors (ds_id); each rank holds a slice of each.
         facts["partitioned_parameters"] = sum(hasattr(p, "ds_id") for p in trainer.model.parameters())
+        engine = getattr(accelerator, "deepspeed_engine_wrapped", None)
+        if engine is not None:  # what the engine really did, not what herd asked for
+            facts["offload_optimizer"] = bool(engine.engine.zero_offload_optimizer())
+            facts["offload_params"] = bool(engine.engine.zero_offload_param())
     facts["quantized_linear_layers"] = sum(type(m).__name__ in ("Linear4bit", "Linear8bitLt")
                                            for m in trainer.model.modules())
     from torch.distributed.tensor import DTensor

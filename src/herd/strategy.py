@@ -68,10 +68,10 @@ def check_compatibility(job: TrainJob, world_size: int, dtype: torch.dtype, devi
     """The compatibility matrix; each rule refuses in one line naming what to change."""
     env = os.environ if env is None else env
     name = job.strategy.name
-    if device == "cpu" and (job.strategy.cpu_offload or job.strategy.offload_optimizer
-                            or job.strategy.offload_params):
-        raise ConfigError(f"strategy={name.value} offloads to CPU memory, which needs CUDA GPUs (on CPU the "
-                          "weights and optimizer are in CPU memory already); on CPU use strategy=fsdp or zero3")
+    if device == "cpu" and name == Strategy.fsdp and job.strategy.cpu_offload:
+        # DeepSpeed's offload runs on CPU (its own CPU Adam); herd's CPU FSDP2 has nothing to offload.
+        raise ConfigError("strategy.cpu_offload needs CUDA GPUs (herd's FSDP2 on CPU keeps everything in CPU "
+                          "memory already); on CPU use strategy=fsdp without it, or strategy=zero3_offload")
     if name == Strategy.single and world_size > 1:
         raise ConfigError(f"strategy=single but launched with {world_size} processes; "
                           "use strategy=ddp, fsdp, zero2 or zero3")
