@@ -82,7 +82,8 @@ def conversations(n: int) -> list[list[dict]]:
     return [guanaco_to_messages(row["text"]) for row in generate_guanaco_rows(n, seed=1)]
 
 
-def herd_trainer(model_dir: Path, convs, output_dir: str, args, callbacks, tokenizer, one_row: bool = False):
+def herd_trainer(model_dir: Path, convs, output_dir: str, args, callbacks, tokenizer, one_row: bool = False,
+                 checkpointing: bool = True):
     """herd's own path: herd.data tokenization with assistant-only labels, herd.modeling loading,
     train.recipe's trainer arguments, packing on."""
     from datasets import Dataset
@@ -103,7 +104,7 @@ def herd_trainer(model_dir: Path, convs, output_dir: str, args, callbacks, token
         train=TrainConfig(max_steps=args.warmup + args.steps, micro_batch_size=args.micro_batch,
                           global_batch_size=args.micro_batch, logging_steps=1, save_steps=10**6,
                           optimizer="paged_adamw_32bit" if device == "cuda" else "adamw_torch",
-                          packing=not args.no_packing),
+                          packing=not args.no_packing, gradient_checkpointing=checkpointing),
         strategy=StrategyConfig(), output_dir=output_dir,
     )
     samples = [s for s in tokenize_conversations(convs, tokenizer, True) if len(s["input_ids"]) <= args.seq_len]
@@ -111,7 +112,7 @@ def herd_trainer(model_dir: Path, convs, output_dir: str, args, callbacks, token
     training_args.disable_tqdm = True
     torch.manual_seed(0)
     model = load_base_model(job.model, job.peft, "cuda:0" if device == "cuda" else "cpu", dtype, str(model_dir))
-    model = add_lora(model, job.peft, True)
+    model = add_lora(model, job.peft, checkpointing)
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=Dataset.from_list(samples),
                          processing_class=tokenizer, callbacks=callbacks)
     for parameter in trainer.model.parameters():  # as train.recipe does for non-sharded runs
@@ -133,7 +134,8 @@ def measure(side: str, args, model_dir: Path, convs, tokenizer) -> dict:
                                              device=args.device, callbacks=[timer], tokenizer=tokenizer)
         else:
             trainer = herd_trainer(model_dir, convs, output_dir, args, [timer], tokenizer,
-                                   one_row=side == "herd-one-row")
+                                   one_row=side == "herd-one-row",
+                                   checkpointing=side != "herd-no-checkpointing")
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
@@ -182,7 +184,7 @@ def main() -> None:
     parser.add_argument("--model-dir", default=None)
     parser.add_argument("--attn", default="sdpa", help="herd's attention: sdpa | flex_attention | eager")
     parser.add_argument("--sides", default="baseline,herd", help="baseline, herd, herd-one-row (TRL's "
-                        "flattened packed row instead of herd's row per bin)")
+                        "flattened packed row instead of herd's row per bin), herd-no-checkpointing")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
