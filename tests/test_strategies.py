@@ -21,11 +21,11 @@ LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--
           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", "-m", "train"]
 
 
-def job(strategy=Strategy.single, quant=Quant.nf4, storage="auto", stage=0) -> TrainJob:
+def job(strategy=Strategy.single, quant=Quant.nf4, storage="auto", stage=0, device_map=None) -> TrainJob:
     offload = strategy == Strategy.zero3_offload
     return TrainJob(model=ModelConfig(name="m", path="p"), peft=PeftConfig(quant=quant, quant_storage=storage),
                     strategy=StrategyConfig(name=strategy, zero_stage=stage, offload_optimizer=offload,
-                                            offload_params=offload), output_dir="o")
+                                            offload_params=offload, device_map=device_map), output_dir="o")
 
 
 @pytest.mark.parametrize(
@@ -42,6 +42,10 @@ def job(strategy=Strategy.single, quant=Quant.nf4, storage="auto", stage=0) -> T
         ({"strategy": Strategy.zero3, "storage": "float16", "stage": 3}, 2, "cuda", {},
          "needs peft.quant_storage equal to the param dtype (bfloat16), got float16"),
         ({"strategy": Strategy.zero2, "stage": 0}, 2, "cuda", {}, "needs strategy.zero_stage 2 or 3"),
+        ({"strategy": Strategy.ddp, "device_map": "auto"}, 2, "cuda", {},
+         "strategy.device_map=auto splits one model inside one process: only with strategy=single, got ddp"),
+        ({"strategy": Strategy.single, "device_map": "everywhere"}, 1, "cuda", {},
+         "strategy.device_map=everywhere is not one of auto, balanced, balanced_low_0, sequential"),
     ],
 )
 def test_compatibility_matrix_refuses(settings, world, device, env, message):
@@ -54,6 +58,15 @@ def test_compatibility_matrix_refuses(settings, world, device, env, message):
                                       {"strategy": Strategy.ddp}, {"strategy": Strategy.zero2, "stage": 2}])
 def test_compatible_settings_pass(settings):
     check_compatibility(job(**settings), 2, torch.bfloat16, "cuda", {})
+
+
+def test_device_map_auto_loads_through_accelerate_and_trains(tmp_path, tiny_model_dir):
+    # On CPU "auto" maps every layer to the CPU; on a multi-GPU node the same load spreads the layers.
+    run_dir = tmp_path / "run"
+    run_module("train", *RESUME, "strategy.device_map=auto", "train.max_steps=2", f"output_dir={run_dir}")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["global_step"] == 2 and metrics["distributed"]["num_processes"] == 1
+    assert adapter(run_dir)
 
 
 def test_fsdp_on_cpu_is_herds_own_fsdp2():

@@ -236,7 +236,7 @@ def run(cfg: DictConfig) -> RunResult | None:
         f"cuda:{state.local_process_index}" if device == "cuda" else "cpu")
     peft_cfg = dataclasses.replace(job.peft, quant_storage=strategy.quant_storage(job, dtype))
     set_seed(job.train.seed)  # LoRA's A matrices are drawn at creation, before the trainer seeds anything
-    model = load_base_model(job.model, peft_cfg, placement, dtype, location)
+    model = load_base_model(job.model, peft_cfg, placement, dtype, location, job.strategy.device_map)
     model = add_lora(model, peft_cfg, job.train.gradient_checkpointing)
 
     tracker = HerdTracker(job.tracking, run_dir, cfg, seq_len=job.data.max_seq_len)

@@ -138,6 +138,9 @@ class StrategyConfig:
     zero_stage: int = 0  # DeepSpeed ZeRO stage (2 or 3) for zero2/zero3/zero3_offload, else 0
     offload_optimizer: bool = False  # DeepSpeed: optimizer states to CPU
     offload_params: bool = False  # DeepSpeed ZeRO-3: parameters to CPU
+    # single only: "auto" (or balanced, balanced_low_0, sequential) spreads the layers of one model over all
+    # GPUs this process sees (naive model parallel: one GPU computes at a time); null = one device
+    device_map: str | None = None
 
 
 class TrackingBackend(str, Enum):

@@ -106,10 +106,11 @@ def disable_bnb_cpu_inference_repack(model: torch.nn.Module) -> int:
 
 def load_base_model(
     model_cfg: ModelConfig, peft_cfg: PeftConfig, device: str | None, dtype: torch.dtype,
-    location: str | None = None,
+    location: str | None = None, device_map: str | None = None,
 ) -> PreTrainedModel:
     """The frozen base, quantized as `peft_cfg.quant` says, placed whole on `device`; device None leaves
-    placement to FSDP / ZeRO-3, which shard the weights themselves."""
+    placement to FSDP / ZeRO-3, which shard the weights themselves; a named `device_map` ("auto", ...)
+    spreads the layers over the process's devices instead."""
     location = location or model_location(model_cfg)
     quant = quantization_config(peft_cfg, dtype)
     model = AutoModelForCausalLM.from_pretrained(
@@ -119,7 +120,7 @@ def load_base_model(
         quantization_config=quant,
         dtype=compute_dtype(peft_cfg, dtype) if quant is not None else dtype,
         attn_implementation=model_cfg.attn_implementation,
-        device_map={"": device} if device is not None else None,
+        device_map=device_map or ({"": device} if device is not None else None),
     )
     disable_bnb_cpu_inference_repack(model)
     return model

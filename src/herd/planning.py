@@ -65,10 +65,14 @@ def check_fits(job: TrainJob, settings: Settings, plan: MemoryPlan, location: st
 
 
 def device_memory_bytes(job: TrainJob, device: str) -> int | None:
-    if job.device_memory_gb is not None:
-        return int(job.device_memory_gb * GB)
+    """Memory the plan must fit in: one GPU's, or with strategy.device_map every GPU this process sees
+    (the layers are spread over them; the estimate is then for the whole model)."""
     if device == "cuda":
         import torch
 
-        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        per_gpu = (int(job.device_memory_gb * GB) if job.device_memory_gb is not None
+                   else torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+        return per_gpu * (torch.cuda.device_count() if job.strategy.device_map else 1)
+    if job.device_memory_gb is not None:
+        return int(job.device_memory_gb * GB)
     return None  # CPU: the plan is GPU memory; nothing to check against

@@ -15,6 +15,7 @@ from herd.config import ConfigError, Quant, Strategy, TrainJob
 
 SHARDED = (Strategy.fsdp, Strategy.zero3, Strategy.zero3_offload)
 DEEPSPEED = (Strategy.zero2, Strategy.zero3, Strategy.zero3_offload)
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's, for from_pretrained
 
 
 def deepspeed_on_cpu(job: TrainJob, device: str) -> bool:
@@ -72,6 +73,12 @@ def check_compatibility(job: TrainJob, world_size: int, dtype: torch.dtype, devi
         # DeepSpeed's offload runs on CPU (its own CPU Adam); herd's CPU FSDP2 has nothing to offload.
         raise ConfigError("strategy.cpu_offload needs CUDA GPUs (herd's FSDP2 on CPU keeps everything in CPU "
                           "memory already); on CPU use strategy=fsdp without it, or strategy=zero3_offload")
+    device_map = job.strategy.device_map
+    if device_map is not None and device_map not in DEVICE_MAPS:
+        raise ConfigError(f"strategy.device_map={device_map} is not one of {', '.join(DEVICE_MAPS)} (or null)")
+    if device_map is not None and name != Strategy.single:
+        raise ConfigError(f"strategy.device_map={device_map} splits one model inside one process: only with "
+                          f"strategy=single, got {name.value}; across processes use strategy=fsdp or zero3")
     if name == Strategy.single and world_size > 1:
         raise ConfigError(f"strategy=single but launched with {world_size} processes; "
                           "use strategy=ddp, fsdp, zero2 or zero3")
