@@ -58,3 +58,6 @@ def test_packed_training_run_uses_a_row_per_bin(tmp_path, tiny_model_dir):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["packing"] == "row per bin" and metrics["global_step"] == 3
     assert metrics["final_train_loss"] is not None and 0 < metrics["final_train_loss"] < 20
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [event for event in logged if event["kind"] == "train"]
+    assert train and all(e["train/num_tokens"] == e["train/num_input_tokens_seen"] for e in train)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from transformers import TrainerCallback
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 # Kept as TRL's one flattened row: flash attention's varlen kernels need it (transformers detects packing
@@ -36,6 +37,17 @@ class PackedRowsCollator(DataCollatorForLanguageModeling):
         return batch
 
 
+class PackedRowsTokenCount(TrainerCallback):
+    """TRL counts a batch without attention mask as one row (`position_ids.size(1)`): with a row per bin its
+    logged `num_tokens` would be one bin's share. The trainer's own count of non-padding tokens (all
+    ranks) is the right one; it replaces TRL's before anything prints or records the logs."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("num_tokens", "eval_num_tokens"):
+            if logs is not None and key in logs:
+                logs[key] = state.num_input_tokens_seen
+
+
 def keeps_bins_in_rows(attn_implementation: str) -> bool:
     return attn_implementation not in ONE_ROW_ATTENTION
 
@@ -47,4 +59,5 @@ def collate_packed_bins_per_row(trainer, attn_implementation: str) -> bool:
     if not trainer.args.packing or not keeps_bins_in_rows(attn_implementation):
         return False
     trainer.data_collator = PackedRowsCollator(pad_token_id=trainer.processing_class.pad_token_id)
+    trainer.callback_handler.callbacks.insert(0, PackedRowsTokenCount())  # before the printer and trackers
     return True
