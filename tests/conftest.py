@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -10,6 +11,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The GPUs as the suite found them: the CPU suite hides them (below); gpu-marked tests hand them back.
+_ORIGINAL_CUDA_VISIBLE_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")
 
 # Before any HF import: nothing in the suite may reach the network or a GPU.
 OFFLINE_ENV = {
@@ -24,13 +28,33 @@ OFFLINE_ENV = {
 os.environ.update(OFFLINE_ENV)
 
 
-def pytest_collection_modifyitems(config, items):
-    import torch
+@functools.cache
+def _gpu_count() -> int:
+    """CUDA devices visible with the environment the suite started in, counted in a child process (this
+    one runs with CUDA hidden)."""
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    if _ORIGINAL_CUDA_VISIBLE_DEVICES is not None:
+        env["CUDA_VISIBLE_DEVICES"] = _ORIGINAL_CUDA_VISIBLE_DEVICES
+    result = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    return int(result.stdout.strip() or 0) if result.returncode == 0 else 0
 
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords and not torch.cuda.is_available():
-            item.add_marker(skip_gpu)
+
+def gpu_env() -> dict[str, str]:
+    """Environment for a gpu-marked test's subprocesses: offline as always, with the GPUs visible."""
+    return {**OFFLINE_ENV, "CUDA_VISIBLE_DEVICES": _ORIGINAL_CUDA_VISIBLE_DEVICES
+            or ",".join(str(i) for i in range(_gpu_count()))}
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    found = _gpu_count()
+    for item in gpu_items:
+        needed = (item.get_closest_marker("gpu").args or (1,))[0]
+        if found < needed:
+            item.add_marker(pytest.mark.skip(reason=f"needs {needed} CUDA GPU(s), found {found}"))
 
 
 @pytest.fixture(scope="session")

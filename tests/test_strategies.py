@@ -66,6 +66,7 @@ def test_device_map_auto_loads_through_accelerate_and_trains(tmp_path, tiny_mode
     run_module("train", *RESUME, "strategy.device_map=auto", "train.max_steps=2", f"output_dir={run_dir}")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["global_step"] == 2 and metrics["distributed"]["num_processes"] == 1
+    assert metrics["distributed"]["devices"] == ["cpu"]
     assert adapter(run_dir)
 
 

@@ -168,6 +168,7 @@ def distributed_facts(trainer, state: PartialState) -> dict:
         if engine is not None:  # what the engine really did, not what herd asked for
             facts["offload_optimizer"] = bool(engine.engine.zero_offload_optimizer())
             facts["offload_params"] = bool(engine.engine.zero_offload_param())
+    facts["devices"] = sorted({str(p.device) for p in trainer.model.parameters()})
     facts["quantized_linear_layers"] = sum(type(m).__name__ in ("Linear4bit", "Linear8bitLt")
                                            for m in trainer.model.modules())
     from torch.distributed.tensor import DTensor
