@@ -406,7 +406,11 @@ def test_killed_run_resumes_onto_the_same_wandb_run_id(tmp_path):
     command = [sys.executable, "-m", "train", *E2E_TRAIN, f"output_dir={run_dir}"]
     # herd's fault hook SIGKILLs the run right after checkpoint-4 is complete: deterministic, unlike a
     # kill from outside racing the (fast) training steps.
-    killed = subprocess.run([*command, "train.max_steps=8"], cwd=REPO, env={**env, "HERD_DEBUG_KILL_AFTER_STEP": "4"},
+    # The kill comes 3 s after the step: past W&B's 2 s flush interval (herd's setting), so what was logged
+    # up to step 4 must be in the killed run's file. Without the pause the race is real: a kill within 2 s
+    # of the W&B run's start left a file without even the run record (seen once in CI).
+    killed = subprocess.run([*command, "train.max_steps=8"], cwd=REPO, check=False,
+                            env={**env, "HERD_DEBUG_KILL_AFTER_STEP": "4", "HERD_DEBUG_KILL_DELAY_S": "3"},
                             capture_output=True, text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     # W&B flushes every 2 s, so a SIGKILL loses its last ~2 s; the run directory's metrics.jsonl has them.
@@ -419,5 +423,6 @@ def test_killed_run_resumes_onto_the_same_wandb_run_id(tmp_path):
     dirs = tracking.offline_run_dirs(run_dir)
     assert len(dirs) == 2
     assert [read_wandb_run(d).id for d in dirs] == [run_id, run_id] and tracker_run_id(run_dir) == run_id
+    assert 4 in tracking.history_values(read_wandb_run(dirs[0]).history, "train/loss")  # survived the kill
     assert 8 in tracking.history_values(read_wandb_run(dirs[1]).history, "train/loss")
     assert not files_containing([run_dir, tmp_path / "wandb-home"], SECRETS)

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -122,4 +123,7 @@ class DebugFaults(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if os.environ.get("HERD_DEBUG_KILL_AFTER_STEP") == str(state.global_step):
+            # Optionally die only after a pause: W&B persists what was logged within its flush interval, so
+            # a test of what survives a kill must let that interval pass first.
+            time.sleep(float(os.environ.get("HERD_DEBUG_KILL_DELAY_S", "0")))
             _kill_self(f"killed after step {state.global_step}")
