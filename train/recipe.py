@@ -201,7 +201,7 @@ def run(cfg: DictConfig) -> RunResult | None:
     accumulation = gradient_accumulation(job.train.global_batch_size, job.train.micro_batch_size,
                                          state.num_processes)
     run_dir = Path(job.output_dir).resolve()
-    finished = finished_run(run_dir, job.train.max_steps, rundir.METRICS, rundir.ADAPTER_DIR)
+    finished = finished_run(run_dir, job.train.max_steps)
     if finished is not None:  # e.g. a requeued job whose run had already ended: nothing to redo
         if state.is_main_process:
             print(f"herd: run {run_dir} already finished at step {finished['global_step']}; nothing to do "

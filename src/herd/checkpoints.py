@@ -18,6 +18,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from herd.paths import share_per_umask
+from herd.rundir import ADAPTER_DIR, METRICS
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +62,15 @@ def resume_point(run_dir: Path, max_steps: int) -> tuple[Path | None, list[Path]
     checkpoint-8 ends at step 9). A final checkpoint is passed over for the newest complete one before it;
     resume is exact, so replaying the last steps gives the same result. The passed-over checkpoints must
     be discarded before training rewrites them (discard_checkpoints)."""
-    resume, final = last_complete_checkpoint(run_dir), []
-    while resume is not None and is_final(resume, max_steps):
-        final.append(resume)
-        earlier = [p for _, p in checkpoints(run_dir) if p not in final and (p / COMPLETE).exists()]
-        resume = earlier[-1] if earlier else None
-    if final:
-        print(f"herd: {final[0].name} is at the last step but the run did not finish; replaying from "
-              f"{resume.name if resume else 'the start'}", flush=True)
+    resume = last_complete_checkpoint(run_dir)
+    if resume is None or not is_final(resume, max_steps):
+        return resume, []
+    complete = [path for _, path in checkpoints(run_dir) if (path / COMPLETE).exists()]
+    final = [path for path in complete if is_final(path, max_steps)]
+    earlier = [path for path in complete if path not in final]
+    resume = earlier[-1] if earlier else None
+    print(f"herd: {final[-1].name} is at the last step but the run did not finish; replaying from "
+          f"{resume.name if resume else 'the start'}", flush=True)
     return resume, final
 
 
@@ -78,11 +80,11 @@ def discard_checkpoints(paths: list[Path]) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def finished_run(run_dir: Path, max_steps: int, metrics_name: str, adapter_name: str) -> dict | None:
+def finished_run(run_dir: Path, max_steps: int) -> dict | None:
     """The metrics of a run that already finished (its final metrics and adapter are written) at or past
     the step target; None when there is training left to do."""
-    metrics_path = run_dir / metrics_name
-    if not metrics_path.exists() or not (run_dir / adapter_name).is_dir():
+    metrics_path = run_dir / METRICS
+    if not metrics_path.exists() or not (run_dir / ADAPTER_DIR).is_dir():
         return None
     metrics = json.loads(metrics_path.read_text())
     target = max_steps if max_steps > 0 else metrics.get("max_steps")
