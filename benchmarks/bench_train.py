@@ -3,7 +3,8 @@
 A random-init Llama of the chosen shape (weights do not change throughput) is saved once and loaded in
 4-bit NF4 + double quant by both sides; LoRA r=16 on all linear layers; gradient checkpointing on.
 The baseline pads each batch (benchmarks/baseline_sft.py); herd packs conversations into max_seq_len
-rows, padding-free. Reported per side: non-padding tokens/s, step time, MFU, peak memory.
+rows, padding-free. Each side runs in its own process. Reported per side: non-padding tokens/s, step time,
+MFU, peak memory (GPU allocated/reserved; CPU peak RSS), time from the command to the first finished step.
 
     python benchmarks/bench_train.py --shape llama2-7b --device cuda --steps 10 --out results.json
     python benchmarks/bench_train.py --shape small --device cpu --steps 6 --seq-len 512 --micro-batch 2
@@ -16,6 +17,7 @@ import gc
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,10 +35,13 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
 from herd.chat import format_llama2, guanaco_to_messages
 from herd.sample_data import generate_guanaco_rows
-from herd.tiny import ensure_tiny_model
+from herd.tiny import MODEL_SHAPE, ensure_tiny_model
 from herd.tracking import count_parameters, device_peak_flops, flops_per_token
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads
+    # herd's own tiny test model (herd.tiny: its 1024-token vocabulary, built with its tokenizer)
+    "tiny": tuple(MODEL_SHAPE[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                           "num_attention_heads", "num_key_value_heads")),
     "small": (256, 688, 4, 4, 4),
     "llama2-7b": (4096, 11008, 32, 32, 32),
     "llama2-13b": (5120, 13824, 40, 40, 40),
@@ -60,7 +65,8 @@ class StepTimer(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self._sync()
         now = time.perf_counter()
-        self.first_step_at = self.first_step_at or now
+        if self.first_step_at is None:
+            self.first_step_at, self.first_step_wall = now, time.time()
         self.steps.append((now - self.started, state.num_input_tokens_seen - self.tokens_before))
 
 
@@ -83,7 +89,7 @@ def conversations(n: int) -> list[list[dict]]:
 
 
 def herd_trainer(model_dir: Path, convs, output_dir: str, args, callbacks, tokenizer, one_row: bool = False,
-                 checkpointing: bool = True):
+                 checkpointing: bool = True, trl_head: bool = False):
     """herd's own path: herd.data tokenization with assistant-only labels, herd.modeling loading,
     train.recipe's trainer arguments, packing on."""
     from datasets import Dataset
@@ -91,6 +97,7 @@ def herd_trainer(model_dir: Path, convs, output_dir: str, args, callbacks, token
 
     from herd.config import DataConfig, ModelConfig, PeftConfig, StrategyConfig, TrainConfig, TrainJob
     from herd.data import tokenize_conversations
+    from herd.lm_head import score_labelled_positions_on_cpu
     from herd.modeling import add_lora, load_base_model
     from herd.packing import collate_packed_bins_per_row
     from train.recipe import training_arguments
@@ -120,6 +127,8 @@ def herd_trainer(model_dir: Path, convs, output_dir: str, args, callbacks, token
             parameter.data = parameter.data.float()
     if not one_row:  # as train.recipe does; "herd-one-row" keeps TRL's flattened row for comparison
         collate_packed_bins_per_row(trainer, args.attn)
+    if not trl_head:  # as train.recipe does; "herd-trl-head" keeps TRL's fused LM head for comparison
+        score_labelled_positions_on_cpu(trainer)
     return trainer
 
 
@@ -135,7 +144,8 @@ def measure(side: str, args, model_dir: Path, convs, tokenizer) -> dict:
         else:
             trainer = herd_trainer(model_dir, convs, output_dir, args, [timer], tokenizer,
                                    one_row=side == "herd-one-row",
-                                   checkpointing=side != "herd-no-checkpointing")
+                                   checkpointing=side != "herd-no-checkpointing",
+                                   trl_head=side == "herd-trl-head")
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
@@ -155,7 +165,8 @@ def measure(side: str, args, model_dir: Path, convs, tokenizer) -> dict:
     result = {
         "side": side, "steps_measured": len(measured), "step_time_s": seconds / len(measured),
         "non_padding_tokens_per_s": tokens_per_s, "tokens_per_step": tokens / len(measured),
-        "time_to_first_step_s": timer.first_step_at - started,
+        "time_to_first_step_s": timer.first_step_at - started,  # from this side's setup, imports done
+        "first_step_wall_clock": timer.first_step_wall,
         "n_base": n_base, "n_lora": n_lora,
         "peak_allocated_gb": peak_allocated / 2**30 if peak_allocated else None,
         "peak_reserved_gb": peak_reserved / 2**30 if peak_reserved else None,
@@ -168,6 +179,18 @@ def measure(side: str, args, model_dir: Path, convs, tokenizer) -> dict:
         result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(json.dumps(result), flush=True)
     return result
+
+
+def measure_in_own_process(side: str) -> dict:
+    """Each side in a fresh process: its own peak RSS and allocator state, and the time from the command
+    (interpreter start, imports, loading) to its first finished step."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as result:
+        launched = time.time()
+        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one-side", side,
+                        "--one-side-result", result.name], check=True)
+        measured = json.loads(Path(result.name).read_text())
+    measured["command_to_first_step_s"] = measured.pop("first_step_wall_clock") - launched
+    return measured
 
 
 def main() -> None:
@@ -184,28 +207,35 @@ def main() -> None:
     parser.add_argument("--model-dir", default=None)
     parser.add_argument("--attn", default="sdpa", help="herd's attention: sdpa | flex_attention | eager")
     parser.add_argument("--sides", default="baseline,herd", help="baseline, herd, herd-one-row (TRL's "
-                        "flattened packed row instead of herd's row per bin), herd-no-checkpointing")
+                        "flattened packed row instead of herd's row per bin), herd-no-checkpointing, herd-trl-head (TRL's "
+                        "fused LM head instead of herd's on CPU)")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--one-side", help=argparse.SUPPRESS)
+    parser.add_argument("--one-side-result", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     tokenizer_dir = ensure_tiny_model(Path(tempfile.gettempdir()) / "herd-bench-tiny")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    model_dir = Path(args.model_dir or Path(tempfile.gettempdir()) / f"herd-bench-{args.shape}")
+    model_dir = Path(args.model_dir or (tokenizer_dir if args.shape == "tiny"
+                                        else Path(tempfile.gettempdir()) / f"herd-bench-{args.shape}"))
     if not (model_dir / "config.json").exists():
         built = time.perf_counter()
         build_model(args.shape, model_dir, vocab=32000)
         print(f"built random {args.shape} in {time.perf_counter() - built:.0f} s", flush=True)
     convs = conversations(args.conversations)
 
+    if args.one_side:  # a child of the loop below: one side, its result to a file
+        Path(args.one_side_result).write_text(json.dumps(measure(args.one_side, args, model_dir, convs, tokenizer)))
+        return
+
     results = []
     for round_index in range(args.rounds):
         sides = args.sides.split(",")
         order = sides if round_index % 2 == 0 else sides[::-1]
         for side in order:
-            results.append({"round": round_index, **measure(side, args, model_dir, convs, tokenizer)})
-
+            results.append({"round": round_index, **measure_in_own_process(side)})
     import importlib.metadata as md
 
     report = {

@@ -18,6 +18,7 @@ def test_qlora_trains_on_one_gpu_in_bf16(tmp_path, tiny_model_dir):
                env=gpu_env())
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
+    assert metrics["lm_head"] == "TRL fused"  # TRL's Triton head on CUDA; herd's head is CPU only
     facts = metrics["distributed"]
     assert facts["distributed_type"] == "NO" and facts["devices"] == ["cuda:0"]
     assert facts["quantized_linear_layers"] > 0

@@ -181,8 +181,10 @@ def test_ddp_two_processes_one_run_dir_and_exact_resume(uninterrupted, tmp_path,
     resumed = launch(tmp_path, *RESUME, "strategy=ddp", f"output_dir={run_dir}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from checkpoint-2" in resumed.stdout
-    facts = json.loads((run_dir / "metrics.json").read_text())["distributed"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    facts = metrics["distributed"]
     assert facts["distributed_type"] == "MULTI_CPU" and facts["num_processes"] == 2
+    assert metrics["lm_head"] == "herd: labelled positions, CPU"  # herd's head under FSDP2's gathered weights
     assert facts["wrapped_model"] == "DistributedDataParallel"
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["strategy"] == "ddp"
@@ -241,8 +243,10 @@ def test_fsdp2_two_processes_on_cpu_shards_saves_and_resumes(tmp_path, tiny_mode
     resumed = launch(tmp_path, *RESUME, "strategy=fsdp", f"output_dir={run_dir}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from checkpoint-2" in resumed.stdout
-    facts = json.loads((run_dir / "metrics.json").read_text())["distributed"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    facts = metrics["distributed"]
     assert facts["distributed_type"] == "MULTI_CPU" and facts["num_processes"] == 2
+    assert metrics["lm_head"] == "herd: labelled positions, CPU"  # herd's head under FSDP2's gathered weights
     assert facts["wrapped_model"].startswith("FSDP")  # fully_shard's class, not DistributedDataParallel
     assert facts["sharded_parameters"] > 0
     weights = adapter(run_dir)
@@ -272,9 +276,11 @@ def test_deepspeed_zero_two_processes_on_cpu_trains_saves_and_resumes(name, stag
     resumed = launch(tmp_path, *RESUME, f"strategy={name}", f"output_dir={run_dir}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from checkpoint-2" in resumed.stdout
-    facts = json.loads((run_dir / "metrics.json").read_text())["distributed"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    facts = metrics["distributed"]
     assert facts["distributed_type"] == "DEEPSPEED" and facts["num_processes"] == 2
     assert facts["wrapped_model"] == "DeepSpeedEngine" and facts["zero_stage"] == stage
+    assert metrics["lm_head"] == "herd: labelled positions, CPU"  # under ZeRO-3 with the head gathered
     assert facts["offload_optimizer"] is False and facts["offload_params"] is False
     assert facts["quantized_linear_layers"] > 0  # QLoRA: the base stayed 4-bit under DeepSpeed
     if stage == 3:

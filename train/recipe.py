@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from herd import packing, rundir, strategy
+from herd import lm_head, packing, rundir, strategy
 from herd.checkpoints import CompleteMarker, DebugFaults, discard_checkpoints, finished_run, resume_point
 from herd.config import Strategy, TrainJob, gradient_accumulation
 from herd.data import load_splits
@@ -251,6 +251,7 @@ def run(cfg: DictConfig) -> RunResult | None:
     )
     trainer.add_callback(WrappedModelProbe(trainer))
     packed_rows = packing.collate_packed_bins_per_row(trainer, job.model.attn_implementation)
+    lm_head.score_labelled_positions_on_cpu(trainer)
     # TRL casts QLoRA adapters to bf16, but a resumed run reloads them from the checkpoint in fp32: the two
     # would train differently. herd keeps LoRA weights fp32 (PEFT's own default; autocast still runs the
     # matmuls in the compute dtype) except where a sharded strategy flattens them together with the base
@@ -288,6 +289,8 @@ def run(cfg: DictConfig) -> RunResult | None:
             "final_train_loss": last_train_loss(trainer), "resumed_from": resume_from.name if resume_from else None,
             "data": report.summary(), "distributed": facts,
             "packing": ("row per bin" if packed_rows else "one flattened row") if job.train.packing else None,
+            # what scored the loss: herd's head runs on CPU only, TRL's fused head elsewhere
+            "lm_head": "herd: labelled positions, CPU" if lm_head.scored_batches(model) else "TRL fused",
         })
         rundir.write_json(run_dir / rundir.RUN_INFO, {
             "base_model": location, "model": OmegaConf.to_container(cfg.model, enum_to_str=True),

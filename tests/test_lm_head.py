@@ -1,0 +1,114 @@
+"""herd's CPU loss head (herd.lm_head) computes what TRL's fused LM head computes: the same per-token
+log-probabilities, entropy and top-1 flags, the same loss and the same gradients."""
+
+import json
+from operator import itemgetter
+
+import pytest
+import torch
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+from trl.kernels import ChunkedLogProbFunction
+
+from herd import lm_head
+from herd.config import ModelConfig, PeftConfig, Quant
+from herd.data import tokenize_conversations
+from herd.modeling import add_lora, load_base_model
+from herd.sample_data import generate_conversations
+
+
+def test_labelled_log_probs_match_trls_kernel_across_chunks():
+    generator = torch.Generator().manual_seed(0)
+    tokens, hidden_size, vocab = 2 * lm_head.TOKENS_PER_CHUNK + 300, 32, 1000
+    hidden = torch.randn(tokens, hidden_size, generator=generator)
+    weight = torch.randn(vocab, hidden_size, generator=generator)
+    targets = torch.randint(0, vocab, (tokens,), generator=generator)
+    targets[:50] = (hidden[:50] @ weight.t()).argmax(-1)  # some targets are the top-1 token
+    upstream = torch.randn(tokens, generator=generator)  # any weighting of the tokens, not just a mean
+
+    def run(fn, *args):
+        leaf = hidden.clone().requires_grad_()
+        log_probs, entropy, is_top1 = fn(leaf, *args)
+        (log_probs * upstream).sum().backward()
+        return log_probs.detach(), entropy, is_top1, leaf.grad
+
+    ours = run(lm_head.LabelledLogProbs.apply, weight, targets)
+    trls = run(lambda h: itemgetter(0, 1, 4)(ChunkedLogProbFunction.apply(
+        h, weight, None, targets, 1.0, 32768, None, 1.0, ("log_probs", "entropy", "is_top1"))))
+    torch.testing.assert_close(ours[0], trls[0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ours[1], trls[1], rtol=1e-5, atol=1e-4)
+    assert torch.equal(ours[2], trls[2]) and ours[2][:50].all() and not ours[2][50:].all()
+    torch.testing.assert_close(ours[3], trls[3], rtol=1e-4, atol=1e-6)
+
+
+def test_labelled_log_probs_without_gradient_and_without_tokens():
+    weight = torch.randn(50, 8)
+    with torch.no_grad():
+        log_probs, _, _ = lm_head.LabelledLogProbs.apply(torch.randn(5, 8), weight, torch.arange(5))
+    assert log_probs.shape == (5,) and (log_probs < 0).all()
+    empty = torch.zeros(0, 8, requires_grad=True)
+    log_probs, entropy, is_top1 = lm_head.LabelledLogProbs.apply(empty, weight, torch.zeros(0, dtype=torch.long))
+    log_probs.sum().backward()
+    assert log_probs.shape == entropy.shape == is_top1.shape == (0,) and empty.grad.shape == (0, 8)
+
+
+def lora_trainer(tiny_model_dir, tiny_tokenizer, tmp_path) -> SFTTrainer:
+    peft_cfg = PeftConfig(quant=Quant.none)
+    model_cfg = ModelConfig(name="tiny", path=str(tiny_model_dir))
+    torch.manual_seed(0)
+    model = add_lora(load_base_model(model_cfg, peft_cfg, "cpu", torch.float32, str(tiny_model_dir)),
+                     peft_cfg, gradient_checkpointing=False)
+    samples = tokenize_conversations(generate_conversations(8, seed=5), tiny_tokenizer, True)
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, report_to="none",
+                     max_length=512)
+    return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(samples),
+                      processing_class=tiny_tokenizer)
+
+
+def loss_and_gradients(trainer, batch):
+    trainer.model.zero_grad()
+    torch.manual_seed(0)  # the same LoRA dropout masks in both passes
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads, {key: values[-1] for key, values in trainer._metrics["train"].items()
+                                  if key in ("entropy", "mean_token_accuracy")}
+
+
+def test_trainer_loss_gradients_and_metrics_equal_trls_head(tiny_model_dir, tiny_tokenizer, tmp_path):
+    trainer = lora_trainer(tiny_model_dir, tiny_tokenizer, tmp_path)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()  # prompts and padding ignored
+    reference = loss_and_gradients(trainer, batch)
+    calls = []
+    real_apply = lm_head.LabelledLogProbs.apply
+    assert lm_head.score_labelled_positions_on_cpu(trainer)
+    lm_head.LabelledLogProbs.apply = lambda *args: calls.append(args[0].shape) or real_apply(*args)
+    try:
+        ours = loss_and_gradients(trainer, batch)
+    finally:
+        lm_head.LabelledLogProbs.apply = real_apply
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    assert calls == [torch.Size([labelled, trainer.model.config.hidden_size])]  # only labelled positions
+    assert lm_head.scored_batches(trainer.model) == 1
+    torch.testing.assert_close(ours[0], reference[0], rtol=1e-5, atol=1e-6)
+    assert ours[1].keys() == reference[1].keys() and len(ours[1]) > 0
+    for name in reference[1]:
+        torch.testing.assert_close(ours[1][name], reference[1][name], rtol=1e-4, atol=1e-7, 
+                                   msg=lambda message, name=name: f"{name}: {message}")
+    assert ours[2] == pytest.approx(reference[2], rel=1e-5)
+
+
+def test_head_that_trains_or_transforms_logits_stays_trls(tiny_model_dir, tiny_tokenizer, tmp_path):
+    trainer = lora_trainer(tiny_model_dir, tiny_tokenizer, tmp_path)
+    base = trainer.model.get_base_model()
+    base.config.final_logit_softcapping = 30.0
+    assert not lm_head.score_labelled_positions_on_cpu(trainer)
+    base.config.final_logit_softcapping = None
+    base.get_output_embeddings().weight.requires_grad_(True)
+    assert not lm_head.score_labelled_positions_on_cpu(trainer)
+
+
+def test_cpu_training_run_records_herds_head(trained_run):
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert metrics["lm_head"] == "herd: labelled positions, CPU"
