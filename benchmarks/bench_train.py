@@ -89,7 +89,7 @@ def conversations(n: int) -> list[list[dict]]:
 
 
 def herd_trainer(model_dir: Path, convs, output_dir: str, args, callbacks, tokenizer, one_row: bool = False,
-                 checkpointing: bool = True, trl_head: bool = False):
+                 checkpointing: bool = True, trl_head: bool = False, workers: int = 0):
     """herd's own path: herd.data tokenization with assistant-only labels, herd.modeling loading,
     train.recipe's trainer arguments, packing on."""
     from datasets import Dataset
@@ -111,7 +111,8 @@ def herd_trainer(model_dir: Path, convs, output_dir: str, args, callbacks, token
         train=TrainConfig(max_steps=args.warmup + args.steps, micro_batch_size=args.micro_batch,
                           global_batch_size=args.micro_batch, logging_steps=1, save_steps=10**6,
                           optimizer="paged_adamw_32bit" if device == "cuda" else "adamw_torch",
-                          packing=not args.no_packing, gradient_checkpointing=checkpointing),
+                          packing=not args.no_packing, gradient_checkpointing=checkpointing,
+                          dataloader_num_workers=workers),
         strategy=StrategyConfig(), output_dir=output_dir,
     )
     samples = [s for s in tokenize_conversations(convs, tokenizer, True) if len(s["input_ids"]) <= args.seq_len]
@@ -145,7 +146,8 @@ def measure(side: str, args, model_dir: Path, convs, tokenizer) -> dict:
             trainer = herd_trainer(model_dir, convs, output_dir, args, [timer], tokenizer,
                                    one_row=side == "herd-one-row",
                                    checkpointing=side != "herd-no-checkpointing",
-                                   trl_head=side == "herd-trl-head")
+                                   trl_head=side == "herd-trl-head",
+                                   workers=2 if side == "herd-2-workers" else 0)
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
@@ -208,7 +210,7 @@ def main() -> None:
     parser.add_argument("--attn", default="sdpa", help="herd's attention: sdpa | flex_attention | eager")
     parser.add_argument("--sides", default="baseline,herd", help="baseline, herd, herd-one-row (TRL's "
                         "flattened packed row instead of herd's row per bin), herd-no-checkpointing, herd-trl-head (TRL's "
-                        "fused LM head instead of herd's on CPU)")
+                        "fused LM head instead of herd's on CPU), herd-2-workers (2 data loader workers)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--one-side", help=argparse.SUPPRESS)
     parser.add_argument("--one-side-result", help=argparse.SUPPRESS)
