@@ -15,6 +15,7 @@ from herd.config import ModelConfig, PeftConfig, Quant
 from herd.data import tokenize_conversations
 from herd.modeling import add_lora, load_base_model
 from herd.sample_data import generate_conversations
+from tests.conftest import FAST_TRAIN, run_module
 
 
 def test_labelled_log_probs_match_trls_kernel_across_chunks():
@@ -50,6 +51,20 @@ def test_labelled_log_probs_without_gradient_and_without_tokens():
     log_probs, entropy, is_top1 = lm_head.LabelledLogProbs.apply(empty, weight, torch.zeros(0, dtype=torch.long))
     log_probs.sum().backward()
     assert log_probs.shape == entropy.shape == is_top1.shape == (0,) and empty.grad.shape == (0, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_labelled_log_probs_under_cpu_autocast(dtype):
+    """precision=bf16 on CPU trains under autocast: the head still computes in fp32, and the gradient comes
+    back in the hidden states' dtype."""
+    hidden = torch.randn(7, 16, dtype=dtype, requires_grad=True)
+    weight = torch.randn(40, 16, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        log_probs, _, _ = lm_head.LabelledLogProbs.apply(hidden, weight, torch.arange(7))
+    log_probs.sum().backward()
+    reference = torch.log_softmax(hidden.detach().float() @ weight.float().t(), -1)[torch.arange(7), torch.arange(7)]
+    assert log_probs.dtype == torch.float32 and hidden.grad.dtype == dtype
+    torch.testing.assert_close(log_probs, reference, rtol=1e-5, atol=1e-5)
 
 
 def lora_trainer(tiny_model_dir, tiny_tokenizer, tmp_path) -> SFTTrainer:
@@ -112,3 +127,14 @@ def test_head_that_trains_or_transforms_logits_stays_trls(tiny_model_dir, tiny_t
 def test_cpu_training_run_records_herds_head(trained_run):
     metrics = json.loads((trained_run / "metrics.json").read_text())
     assert metrics["lm_head"] == "herd: labelled positions, CPU"
+
+
+def test_bf16_training_on_cpu(tmp_path, tiny_model_dir):
+    """CPU sibling of tests/test_gpu.py's bf16 run: precision=bf16 on CPU trains under autocast, herd's head
+    included."""
+    run_dir = tmp_path / "run"
+    run_module("train", *FAST_TRAIN, "train.precision=bf16", "train.max_steps=3", "train.eval_steps=100", "train.logging_steps=1",
+               f"output_dir={run_dir}")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["lm_head"] == "herd: labelled positions, CPU" and metrics["global_step"] == 3
+    assert 0 < metrics["final_train_loss"] < 20

@@ -41,19 +41,21 @@ class LabelledLogProbs(torch.autograd.Function):
         wants_grad = ctx.needs_input_grad[0]
         grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if wants_grad else None
         weight = weight.float()
-        for start in range(0, n, TOKENS_PER_CHUNK):
-            end = min(start + TOKENS_PER_CHUNK, n)
-            rows = torch.arange(end - start, device=hidden.device)
-            target = targets[start:end]
-            logits = hidden[start:end].float() @ weight.t()
-            is_top1[start:end] = logits.argmax(-1) == target
-            log_z = torch.logsumexp(logits, -1)
-            log_probs[start:end] = logits[rows, target] - log_z
-            probs = logits.sub_(log_z[:, None]).exp_()  # in place: one (chunk x vocab) buffer
-            entropy[start:end] = -torch.special.xlogy(probs, probs).sum(-1)
-            if wants_grad:
-                probs[rows, target] -= 1  # softmax - onehot = -d log p(target) / d logits
-                torch.mm(probs, weight, out=grad_hidden[start:end])
+        # fp32 throughout, also under autocast (precision=bf16 on CPU): sums over the whole vocabulary
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, n, TOKENS_PER_CHUNK):
+                end = min(start + TOKENS_PER_CHUNK, n)
+                rows = torch.arange(end - start, device=hidden.device)
+                target = targets[start:end]
+                logits = hidden[start:end].float() @ weight.t()
+                is_top1[start:end] = logits.argmax(-1) == target
+                log_z = torch.logsumexp(logits, -1)
+                log_probs[start:end] = logits[rows, target] - log_z
+                probs = logits.sub_(log_z[:, None]).exp_()  # in place: one (chunk x vocab) buffer
+                entropy[start:end] = -torch.special.xlogy(probs, probs).sum(-1)
+                if wants_grad:
+                    probs[rows, target] -= 1  # softmax - onehot = -d log p(target) / d logits
+                    torch.mm(probs, weight, out=grad_hidden[start:end])
         ctx.save_for_backward(grad_hidden)
         ctx.hidden_dtype = hidden.dtype
         ctx.mark_non_differentiable(entropy, is_top1)
