@@ -80,27 +80,31 @@ def lora_trainer(tiny_model_dir, tiny_tokenizer, tmp_path) -> SFTTrainer:
                       processing_class=tiny_tokenizer)
 
 
-def loss_and_gradients(trainer, batch):
+def loss_and_gradients(trainer, batch, num_items_in_batch):
     trainer.model.zero_grad()
     torch.manual_seed(0)  # the same LoRA dropout masks in both passes
-    loss = trainer.compute_loss(trainer.model, dict(batch))
+    loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=num_items_in_batch)
     loss.backward()
     grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
     return loss.detach(), grads, {key: values[-1] for key, values in trainer._metrics["train"].items()
                                   if key in ("entropy", "mean_token_accuracy")}
 
 
-def test_trainer_loss_gradients_and_metrics_equal_trls_head(tiny_model_dir, tiny_tokenizer, tmp_path):
+# None: the loss is this batch's mean; a count: gradient accumulation, where the trainer passes the labelled
+# tokens of all micro batches of the step
+@pytest.mark.parametrize("num_items_in_batch", [None, 1000])
+def test_trainer_loss_gradients_and_metrics_equal_trls_head(tiny_model_dir, tiny_tokenizer, tmp_path,
+                                                            num_items_in_batch):
     trainer = lora_trainer(tiny_model_dir, tiny_tokenizer, tmp_path)
     batch = next(iter(trainer.get_train_dataloader()))
     assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()  # prompts and padding ignored
-    reference = loss_and_gradients(trainer, batch)
+    reference = loss_and_gradients(trainer, batch, num_items_in_batch)
     calls = []
     real_apply = lm_head.LabelledLogProbs.apply
     assert lm_head.score_labelled_positions_on_cpu(trainer)
     lm_head.LabelledLogProbs.apply = lambda *args: calls.append(args[0].shape) or real_apply(*args)
     try:
-        ours = loss_and_gradients(trainer, batch)
+        ours = loss_and_gradients(trainer, batch, num_items_in_batch)
     finally:
         lm_head.LabelledLogProbs.apply = real_apply
     labelled = int((batch["labels"][:, 1:] != -100).sum())
