@@ -13,6 +13,7 @@ from trl.kernels import ChunkedLogProbFunction
 from herd import lm_head
 from herd.config import ModelConfig, PeftConfig, Quant
 from herd.data import tokenize_conversations
+from herd.inference import token_loss_sum
 from herd.modeling import add_lora, load_base_model
 from herd.sample_data import generate_conversations
 from tests.conftest import FAST_TRAIN, run_module
@@ -44,9 +45,12 @@ def test_labelled_log_probs_match_trls_kernel_across_chunks():
 
 def test_labelled_log_probs_without_gradient_and_without_tokens():
     weight = torch.randn(50, 8)
+    hidden = torch.randn(5, 8)
     with torch.no_grad():
-        log_probs, _, _ = lm_head.LabelledLogProbs.apply(torch.randn(5, 8), weight, torch.arange(5))
+        log_probs, _, _ = lm_head.LabelledLogProbs.apply(hidden, weight, torch.arange(5))
+        without_metrics = lm_head.LabelledLogProbs.apply(hidden, weight, torch.arange(5), False)
     assert log_probs.shape == (5,) and (log_probs < 0).all()
+    assert torch.equal(without_metrics[0], log_probs) and not without_metrics[1].any() and not without_metrics[2].any()
     empty = torch.zeros(0, 8, requires_grad=True)
     log_probs, entropy, is_top1 = lm_head.LabelledLogProbs.apply(empty, weight, torch.zeros(0, dtype=torch.long))
     log_probs.sum().backward()
@@ -126,6 +130,34 @@ def test_head_that_trains_or_transforms_logits_stays_trls(tiny_model_dir, tiny_t
     base.config.final_logit_softcapping = None
     base.get_output_embeddings().weight.requires_grad_(True)
     assert not lm_head.score_labelled_positions_on_cpu(trainer)
+
+
+@pytest.mark.parametrize("quant", [Quant.nf4, Quant.none])
+def test_evaluation_loss_sum_equals_the_full_logits_one(tiny_model_dir, tiny_tokenizer, quant):
+    """herd.inference scores eval loss through herd's head; the plain way (full logits, cross-entropy over
+    them) must give the same sum, with a LoRA adapter that changes the output and padded rows."""
+    peft_cfg = PeftConfig(quant=quant)
+    model_cfg = ModelConfig(name="tiny", path=str(tiny_model_dir))
+    torch.manual_seed(0)
+    model = add_lora(load_base_model(model_cfg, peft_cfg, "cpu", torch.float32, str(tiny_model_dir)),
+                     peft_cfg, gradient_checkpointing=False).eval()
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.1)
+    samples = tokenize_conversations(generate_conversations(5, seed=9), tiny_tokenizer, True)
+    assert len({len(s["input_ids"]) for s in samples}) > 1  # rows of unequal length: padding is ignored
+    loss_sum, tokens = token_loss_sum(model, samples, tiny_tokenizer.pad_token_id, "cpu")
+    reference_sum, reference_tokens = 0.0, 0
+    with torch.no_grad():
+        for sample in samples:  # one unpadded row at a time, through the model's own logits
+            logits = model(input_ids=torch.tensor([sample["input_ids"]])).logits[0, :-1]
+            targets = torch.tensor(sample["labels"][1:])
+            reference_sum += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+            reference_tokens += int((targets != -100).sum())
+    assert tokens == reference_tokens > 0
+    assert loss_sum == pytest.approx(reference_sum, rel=1e-5)
+    with model.disable_adapter():  # the adapter really took part in herd's sum
+        assert token_loss_sum(model, samples, tiny_tokenizer.pad_token_id, "cpu")[0] != pytest.approx(loss_sum)
 
 
 def test_cpu_training_run_records_herds_head(trained_run):

@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from herd import rundir
 from herd.config import ConfigError, DataConfig, DataError, ModelConfig, PeftConfig, Quant
 from herd.infer_config import InferJob, SamplingConfig
+from herd.lm_head import labelled_loss_sum
 from herd.modeling import (
     load_adapter,
     load_base_model,
@@ -183,25 +184,25 @@ def all_gather(value: Any) -> list[Any]:
 # ---------------------------------------------------------------- scoring
 
 
-@torch.no_grad()
-def token_loss_sum(model, samples: list[dict], pad_id: int, device: str) -> tuple[float, int]:
-    """Sum of next-token cross-entropy over the labelled tokens of `samples`, and their count."""
+def right_padded(samples: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, attention_mask and labels of `samples` as one right-padded batch (causal attention never
+    looks at the padding on the right)."""
     width = max(len(s["input_ids"]) for s in samples)
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), width), -100, dtype=torch.long)
     mask = torch.zeros((len(samples), width), dtype=torch.long)
-    for row, sample in enumerate(samples):  # right padding: causal attention never looks at it
+    for row, sample in enumerate(samples):
         length = len(sample["input_ids"])
         ids[row, :length] = torch.tensor(sample["input_ids"])
         labels[row, :length] = torch.tensor(sample["labels"])
         mask[row, :length] = 1
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-    targets = labels[:, 1:].to(device)
-    loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
-        reduction="sum",
-    )
-    return float(loss), int((targets != -100).sum())
+    return ids, mask, labels
+
+
+def token_loss_sum(model, samples: list[dict], pad_id: int, device: str) -> tuple[float, int]:
+    """Sum of next-token cross-entropy over the labelled tokens of `samples`, and their count."""
+    ids, mask, labels = right_padded(samples, pad_id)
+    return labelled_loss_sum(model, ids.to(device), mask.to(device), labels)
 
 
 # ---------------------------------------------------------------- generating

@@ -1,4 +1,6 @@
-"""The loss head on CPU: only labelled positions, gradient computed in the forward pass.
+"""The loss head: only labelled positions, a chunk of tokens at a time, never the whole logits.
+
+Training on CPU, and evaluation (herd.inference) everywhere.
 
 TRL's SFTTrainer scores the loss with a fused LM head (`model(..., fused_lm_head=True)`) that never holds
 the (tokens x vocab) logits. On CUDA it projects only the labelled positions, with Triton kernels. On CPU it
@@ -20,7 +22,6 @@ import functools
 
 import torch
 from torch.distributed.tensor import DTensor
-from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
 
 TOKENS_PER_CHUNK = 1024
 # Config attributes TRL applies to the logits before the softmax; herd's head handles plain logits only.
@@ -30,14 +31,15 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier
 
 class LabelledLogProbs(torch.autograd.Function):
     """log p(target) for each row of `hidden` under `hidden @ weight.T`, with the entropy and whether the
-    target is the first argmax (both for metrics, no gradient). The weight gets no gradient."""
+    target is the first argmax (both for metrics, no gradient; zeros when `metrics` is False, which saves
+    two passes over each chunk's logits). The weight gets no gradient."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, metrics: bool = True):
         n = hidden.shape[0]
         log_probs = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        entropy = torch.empty_like(log_probs)
-        is_top1 = torch.empty(n, dtype=torch.bool, device=hidden.device)
+        entropy = torch.zeros_like(log_probs)
+        is_top1 = torch.zeros(n, dtype=torch.bool, device=hidden.device)
         wants_grad = ctx.needs_input_grad[0]
         grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if wants_grad else None
         weight = weight.float()
@@ -48,11 +50,15 @@ class LabelledLogProbs(torch.autograd.Function):
                 rows = torch.arange(end - start, device=hidden.device)
                 target = targets[start:end]
                 logits = hidden[start:end].float() @ weight.t()
-                is_top1[start:end] = logits.argmax(-1) == target
+                if metrics:
+                    is_top1[start:end] = logits.argmax(-1) == target
                 log_z = torch.logsumexp(logits, -1)
                 log_probs[start:end] = logits[rows, target] - log_z
+                if not (metrics or wants_grad):
+                    continue
                 probs = logits.sub_(log_z[:, None]).exp_()  # in place: one (chunk x vocab) buffer
-                entropy[start:end] = -torch.special.xlogy(probs, probs).sum(-1)
+                if metrics:
+                    entropy[start:end] = -torch.special.xlogy(probs, probs).sum(-1)
                 if wants_grad:
                     probs[rows, target] -= 1  # softmax - onehot = -d log p(target) / d logits
                     torch.mm(probs, weight, out=grad_hidden[start:end])
@@ -65,7 +71,7 @@ class LabelledLogProbs(torch.autograd.Function):
     def backward(ctx, grad_log_probs, *unused):
         (grad_hidden,) = ctx.saved_tensors
         # grad_hidden holds -d log p / d hidden (see the sign above)
-        return (-grad_hidden * grad_log_probs[:, None]).to(ctx.hidden_dtype), None, None
+        return (-grad_hidden * grad_log_probs[:, None]).to(ctx.hidden_dtype), None, None, None
 
 
 def applies(model) -> bool:
@@ -74,6 +80,7 @@ def applies(model) -> bool:
     config = model.config.get_text_config()
     head = model.get_output_embeddings()
     return (head is not None and head.bias is None and not head.weight.requires_grad
+            and head.weight.is_floating_point()  # a quantized head projects only through its own forward
             and all(getattr(config, name, None) in (None, False) for name in LOGIT_TRANSFORMS))
 
 
@@ -84,6 +91,8 @@ def causal_lm(model):
 def score_labelled_positions_on_cpu(trainer) -> bool:
     """Put herd's head in front of the fused LM head TRL's SFTTrainer installed on the trainer's model.
     Returns whether it applies to this model (on CPU it then runs; elsewhere TRL's head does)."""
+    from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
+
     model = causal_lm(trainer.model)
     if not applies(model):
         return False
@@ -118,3 +127,23 @@ def scored_batches(model) -> int:
     """How many batches herd's head scored on `model` (the model given to the trainer) in this process;
     0: TRL's head ran, or nothing yet."""
     return getattr(causal_lm(model).forward, "scored_batches", 0)
+
+
+@torch.no_grad()
+def labelled_loss_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      labels: torch.Tensor) -> tuple[float, int]:
+    """Sum of the next-token negative log-likelihood over the labelled positions, and their count. Only
+    those positions go through the head, TOKENS_PER_CHUNK at a time, in fp32: evaluation never holds a
+    batch's (tokens x vocab) logits (8 x 2048 tokens on Llama-2: 8 x 2048 x 32000 x (2 + 4 + 4) bytes, ~5 GB
+    for the logits in bf16, in fp32 and their log-softmax)."""
+    lm = causal_lm(model)  # PEFT injects LoRA into the layers: the backbone runs with the adapter
+    head = lm.get_output_embeddings()
+    if head.bias is not None or not head.weight.is_floating_point():
+        raise ValueError(f"herd scores the loss through an unquantized, bias-free LM head; got {head}")
+    hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    hidden = hidden.last_hidden_state[:, :-1]
+    targets = labels[:, 1:].to(hidden.device)
+    keep = targets != -100
+    log_probs, _, _ = LabelledLogProbs.apply(hidden[keep].to(head.weight.device), head.weight,
+                                             targets[keep].to(head.weight.device), False)
+    return -log_probs.double().sum().item(), int(keep.sum())

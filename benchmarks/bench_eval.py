@@ -1,0 +1,146 @@
+"""Evaluation loss: herd's labelled-positions head (herd.inference.token_loss_sum) against the plain way
+(the model's full logits, cast to fp32, cross-entropy), same model, same batches, each side in its own
+process. Reported per side: seconds, peak memory growth during scoring (GPU: peak allocated; CPU: peak
+RSS), the loss (both must agree).
+
+    python benchmarks/bench_eval.py --shape small --device cpu --seq-len 1024 --out results/eval.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_train import SHAPES, build_model, conversations
+
+from herd.config import ModelConfig, PeftConfig
+from herd.data import tokenize_conversations
+from herd.inference import plan_batches, right_padded, token_loss_sum
+from herd.modeling import add_lora, load_base_model
+from herd.tiny import ensure_tiny_model
+
+
+@torch.no_grad()
+def full_logits_loss_sum(model, samples: list[dict], pad_id: int, device: str) -> tuple[float, int]:
+    """The plain way, as herd did before herd.lm_head: the whole (batch x seq x vocab) logits."""
+    ids, mask, labels = right_padded(samples, pad_id)
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    targets = labels[:, 1:].to(device)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                             targets.reshape(-1), ignore_index=-100, reduction="sum")
+    return float(loss), int((targets != -100).sum())
+
+
+def rows(tokenizer, seq_len: int, count: int) -> list[dict]:
+    """Eval rows of about seq_len tokens: consecutive generated conversations joined, as a long chat is."""
+    samples = tokenize_conversations(conversations(count * 8), tokenizer, True)
+    joined, current = [], {"input_ids": [], "labels": []}
+    for sample in samples:
+        if len(current["input_ids"]) + len(sample["input_ids"]) > seq_len:
+            joined.append(current)
+            current = {"input_ids": [], "labels": []}
+        current = {key: current[key] + sample[key] for key in current}
+    return joined[:count]
+
+
+def proc_status_bytes(field: str) -> int:
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
+    return int(line.split()[1]) * 1024  # kB
+
+
+def measure(side: str, args, model_dir: Path, tokenizer) -> dict:
+    device = args.device
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    peft_cfg = PeftConfig()
+    model = load_base_model(ModelConfig(name=args.shape, path=str(model_dir)), peft_cfg,
+                            "cuda:0" if device == "cuda" else "cpu", dtype, str(model_dir))
+    model = add_lora(model, peft_cfg, gradient_checkpointing=False).eval()
+    samples = rows(tokenizer, args.seq_len, args.rows)
+    score = token_loss_sum if side == "herd" else full_logits_loss_sum
+    score(model, samples[:1], tokenizer.pad_token_id, device)  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:  # Linux: reset the peak RSS to the current RSS, so loading's own peak does not hide the scoring's
+        Path("/proc/self/clear_refs").write_text("5")
+        before = proc_status_bytes("VmRSS")
+    started = time.perf_counter()
+    loss_sum, tokens = 0.0, 0
+    for batch in plan_batches([len(s["input_ids"]) for s in samples], args.batch_size):
+        batch_loss, batch_tokens = score(model, [samples[i] for i in batch], tokenizer.pad_token_id, device)
+        loss_sum, tokens = loss_sum + batch_loss, tokens + batch_tokens
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak_growth = torch.cuda.max_memory_allocated() - before
+    else:
+        peak_growth = proc_status_bytes("VmHWM") - before
+    return {"side": side, "seconds": time.perf_counter() - started, "loss": loss_sum / tokens,
+            "labelled_tokens": tokens, "rows": len(samples),
+            "peak_memory_growth_gb": peak_growth / 2**30}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", choices=SHAPES, default="small")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--rows", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--one-side", help=argparse.SUPPRESS)
+    parser.add_argument("--one-side-result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    tokenizer_dir = ensure_tiny_model(Path(tempfile.gettempdir()) / "herd-bench-tiny")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model_dir = tokenizer_dir if args.shape == "tiny" else Path(tempfile.gettempdir()) / f"herd-bench-{args.shape}"
+    if not (model_dir / "config.json").exists():
+        build_model(args.shape, model_dir, vocab=32000)
+    if args.one_side:
+        Path(args.one_side_result).write_text(json.dumps(measure(args.one_side, args, model_dir, tokenizer)))
+        return
+
+    results = []
+    for round_index in range(args.rounds):
+        for side in ("full-logits", "herd") if round_index % 2 == 0 else ("herd", "full-logits"):
+            with tempfile.NamedTemporaryFile(suffix=".json") as result:
+                subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one-side", side,
+                                "--one-side-result", result.name], check=True)
+                measured = json.loads(Path(result.name).read_text())
+            print(json.dumps(measured), flush=True)
+            results.append({"round": round_index, **measured})
+
+    import importlib.metadata as md
+
+    report = {
+        "date": datetime.now(timezone.utc).isoformat(),
+        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu",
+        "cpu_count": os.cpu_count(),
+        "settings": {k: v for k, v in vars(args).items() if not k.startswith("one_side")},
+        "versions": {p: md.version(p) for p in ("torch", "transformers", "peft", "bitsandbytes")},
+        "results": results,
+    }
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
