@@ -59,14 +59,15 @@ def test_labelled_log_probs_without_gradient_and_without_tokens():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_labelled_log_probs_under_cpu_autocast(dtype):
-    """precision=bf16 on CPU trains under autocast: the head still computes in fp32, and the gradient comes
-    back in the hidden states' dtype."""
+    """precision=bf16 on CPU trains under autocast: the head projects in its own dtype, takes the softmax in
+    fp32, and the gradient comes back in the hidden states' dtype."""
     hidden = torch.randn(7, 16, dtype=dtype, requires_grad=True)
     weight = torch.randn(40, 16, dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         log_probs, _, _ = lm_head.LabelledLogProbs.apply(hidden, weight, torch.arange(7))
     log_probs.sum().backward()
-    reference = torch.log_softmax(hidden.detach().float() @ weight.float().t(), -1)[torch.arange(7), torch.arange(7)]
+    logits = (hidden.detach().to(torch.bfloat16) @ weight.t()).float()
+    reference = torch.log_softmax(logits, -1)[torch.arange(7), torch.arange(7)]
     assert log_probs.dtype == torch.float32 and hidden.grad.dtype == dtype
     torch.testing.assert_close(log_probs, reference, rtol=1e-5, atol=1e-5)
 

@@ -42,14 +42,14 @@ class LabelledLogProbs(torch.autograd.Function):
         is_top1 = torch.zeros(n, dtype=torch.bool, device=hidden.device)
         wants_grad = ctx.needs_input_grad[0]
         grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if wants_grad else None
-        weight = weight.float()
-        # fp32 throughout, also under autocast (precision=bf16 on CPU): sums over the whole vocabulary
+        # The projection in the head's own dtype (as the model's logits are), the softmax over the vocabulary in
+        # fp32; autocast (precision=bf16 on CPU) is off so that these dtypes hold.
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, n, TOKENS_PER_CHUNK):
                 end = min(start + TOKENS_PER_CHUNK, n)
                 rows = torch.arange(end - start, device=hidden.device)
                 target = targets[start:end]
-                logits = hidden[start:end].float() @ weight.t()
+                logits = (hidden[start:end].to(weight.dtype) @ weight.t()).float()
                 if metrics:
                     is_top1[start:end] = logits.argmax(-1) == target
                 log_z = torch.logsumexp(logits, -1)
@@ -61,7 +61,7 @@ class LabelledLogProbs(torch.autograd.Function):
                     entropy[start:end] = -torch.special.xlogy(probs, probs).sum(-1)
                 if wants_grad:
                     probs[rows, target] -= 1  # softmax - onehot = -d log p(target) / d logits
-                    torch.mm(probs, weight, out=grad_hidden[start:end])
+                    grad_hidden[start:end] = probs.to(weight.dtype) @ weight
         ctx.save_for_backward(grad_hidden)
         ctx.hidden_dtype = hidden.dtype
         ctx.mark_non_differentiable(entropy, is_top1)
@@ -133,7 +133,7 @@ def scored_batches(model) -> int:
 def labelled_loss_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       labels: torch.Tensor) -> tuple[float, int]:
     """Sum of the next-token negative log-likelihood over the labelled positions, and their count. Only
-    those positions go through the head, TOKENS_PER_CHUNK at a time, in fp32: evaluation never holds a
+    those positions go through the head, TOKENS_PER_CHUNK at a time (softmax in fp32): evaluation never holds a
     batch's (tokens x vocab) logits (8 x 2048 tokens on Llama-2: 8 x 2048 x 32000 x (2 + 4 + 4) bytes, ~5 GB
     for the logits in bf16, in fp32 and their log-softmax)."""
     lm = causal_lm(model)  # PEFT injects LoRA into the layers: the backbone runs with the adapter
