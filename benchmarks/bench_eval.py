@@ -12,9 +12,7 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,24 +23,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_train import SHAPES, build_model, conversations
+from bench_train import SHAPES, bench_model, conversations, measure_in_own_process
 
 from herd.config import ModelConfig, PeftConfig
 from herd.data import tokenize_conversations
 from herd.inference import plan_batches, right_padded, token_loss_sum
+from herd.lm_head import full_logits_loss_sum
 from herd.modeling import add_lora, load_base_model
-from herd.tiny import ensure_tiny_model
 
 
-@torch.no_grad()
-def full_logits_loss_sum(model, samples: list[dict], pad_id: int, device: str) -> tuple[float, int]:
+def full_logits(model, samples: list[dict], pad_id: int, device: str) -> tuple[float, int]:
     """The plain way, as herd did before herd.lm_head: the whole (batch x seq x vocab) logits."""
     ids, mask, labels = right_padded(samples, pad_id)
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-    targets = labels[:, 1:].to(device)
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                             targets.reshape(-1), ignore_index=-100, reduction="sum")
-    return float(loss), int((targets != -100).sum())
+    return full_logits_loss_sum(model, ids.to(device), mask.to(device), labels)
 
 
 def rows(tokenizer, seq_len: int, count: int) -> list[dict]:
@@ -70,7 +63,7 @@ def measure(side: str, args, model_dir: Path, tokenizer) -> dict:
                             "cuda:0" if device == "cuda" else "cpu", dtype, str(model_dir))
     model = add_lora(model, peft_cfg, gradient_checkpointing=False).eval()
     samples = rows(tokenizer, args.seq_len, args.rows)
-    score = token_loss_sum if side == "herd" else full_logits_loss_sum
+    score = token_loss_sum if side == "herd" else full_logits
     score(model, samples[:1], tokenizer.pad_token_id, device)  # warm-up
     if device == "cuda":
         torch.cuda.synchronize()
@@ -107,13 +100,7 @@ def main() -> None:
     parser.add_argument("--one-side-result", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    tokenizer_dir = ensure_tiny_model(Path(tempfile.gettempdir()) / "herd-bench-tiny")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    model_dir = tokenizer_dir if args.shape == "tiny" else Path(tempfile.gettempdir()) / f"herd-bench-{args.shape}"
-    if not (model_dir / "config.json").exists():
-        build_model(args.shape, model_dir, vocab=32000)
+    tokenizer, model_dir = bench_model(args.shape)
     if args.one_side:
         Path(args.one_side_result).write_text(json.dumps(measure(args.one_side, args, model_dir, tokenizer)))
         return
@@ -121,13 +108,7 @@ def main() -> None:
     results = []
     for round_index in range(args.rounds):
         for side in ("full-logits", "herd") if round_index % 2 == 0 else ("herd", "full-logits"):
-            with tempfile.NamedTemporaryFile(suffix=".json") as result:
-                subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one-side", side,
-                                "--one-side-result", result.name], check=True)
-                measured = json.loads(Path(result.name).read_text())
-            print(json.dumps(measured), flush=True)
-            results.append({"round": round_index, **measured})
-
+            results.append({"round": round_index, **measure_in_own_process(side, __file__)})
     import importlib.metadata as md
 
     report = {

@@ -183,16 +183,32 @@ def measure(side: str, args, model_dir: Path, convs, tokenizer) -> dict:
     return result
 
 
-def measure_in_own_process(side: str) -> dict:
-    """Each side in a fresh process: its own peak RSS and allocator state, and the time from the command
-    (interpreter start, imports, loading) to its first finished step."""
+def measure_in_own_process(side: str, script: str = __file__) -> dict:
+    """Each side in a fresh process (`script` run again with --one-side): its own peak RSS and allocator
+    state, and the time from the command (interpreter start, imports, loading) to its first finished step."""
     with tempfile.NamedTemporaryFile(suffix=".json") as result:
         launched = time.time()
-        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one-side", side,
+        subprocess.run([sys.executable, script, *sys.argv[1:], "--one-side", side,
                         "--one-side-result", result.name], check=True)
         measured = json.loads(Path(result.name).read_text())
-    measured["command_to_first_step_s"] = measured.pop("first_step_wall_clock") - launched
+    if "first_step_wall_clock" in measured:
+        measured["command_to_first_step_s"] = measured.pop("first_step_wall_clock") - launched
     return measured
+
+
+def bench_model(shape: str, model_dir: str | None = None):
+    """herd's tiny tokenizer and the model directory of `shape` (a random-init Llama, built once)."""
+    from transformers import AutoTokenizer
+
+    tokenizer_dir = ensure_tiny_model(Path(tempfile.gettempdir()) / "herd-bench-tiny")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    default = tokenizer_dir if shape == "tiny" else Path(tempfile.gettempdir()) / f"herd-bench-{shape}"
+    path = Path(model_dir or default)
+    if not (path / "config.json").exists():
+        built = time.perf_counter()
+        build_model(shape, path, vocab=32000)
+        print(f"built random {shape} in {time.perf_counter() - built:.0f} s", flush=True)
+    return tokenizer, path
 
 
 def main() -> None:
@@ -216,16 +232,7 @@ def main() -> None:
     parser.add_argument("--one-side-result", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    tokenizer_dir = ensure_tiny_model(Path(tempfile.gettempdir()) / "herd-bench-tiny")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    model_dir = Path(args.model_dir or (tokenizer_dir if args.shape == "tiny"
-                                        else Path(tempfile.gettempdir()) / f"herd-bench-{args.shape}"))
-    if not (model_dir / "config.json").exists():
-        built = time.perf_counter()
-        build_model(args.shape, model_dir, vocab=32000)
-        print(f"built random {args.shape} in {time.perf_counter() - built:.0f} s", flush=True)
+    tokenizer, model_dir = bench_model(args.shape, args.model_dir)
     convs = conversations(args.conversations)
 
     if args.one_side:  # a child of the loop below: one side, its result to a file
@@ -238,6 +245,7 @@ def main() -> None:
         order = sides if round_index % 2 == 0 else sides[::-1]
         for side in order:
             results.append({"round": round_index, **measure_in_own_process(side)})
+
     import importlib.metadata as md
 
     report = {

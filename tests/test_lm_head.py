@@ -128,6 +128,17 @@ def test_head_that_trains_or_transforms_logits_stays_trls(tiny_model_dir, tiny_t
     base = trainer.model.get_base_model()
     base.config.final_logit_softcapping = 30.0
     assert not lm_head.score_labelled_positions_on_cpu(trainer)
+    # evaluation then takes the model's own logits
+    trainer.model.eval()
+    batch = next(iter(trainer.get_train_dataloader()))
+    spy = []
+    real = lm_head.full_logits_loss_sum
+    lm_head.full_logits_loss_sum = lambda *args: spy.append(1) or real(*args)
+    try:
+        summed = lm_head.labelled_loss_sum(trainer.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    finally:
+        lm_head.full_logits_loss_sum = real
+    assert spy and summed == real(trainer.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
     base.config.final_logit_softcapping = None
     base.get_output_embeddings().weight.requires_grad_(True)
     assert not lm_head.score_labelled_positions_on_cpu(trainer)

@@ -74,14 +74,20 @@ class LabelledLogProbs(torch.autograd.Function):
         return (-grad_hidden * grad_log_probs[:, None]).to(ctx.hidden_dtype), None, None, None
 
 
-def applies(model) -> bool:
-    """Whether herd's head can stand in for TRL's on this model (checked again on every call for the
-    device: the model may move after the trainer is built)."""
+def plain_head(model) -> bool:
+    """Whether the model's logits are just hidden @ W.T through an unquantized, bias-free head (what herd's
+    head computes): no softcapping, scaling or MoE router loss on top."""
     config = model.config.get_text_config()
     head = model.get_output_embeddings()
-    return (head is not None and head.bias is None and not head.weight.requires_grad
+    return (head is not None and head.bias is None
             and head.weight.is_floating_point()  # a quantized head projects only through its own forward
             and all(getattr(config, name, None) in (None, False) for name in LOGIT_TRANSFORMS))
+
+
+def applies(model) -> bool:
+    """Whether herd's head can stand in for TRL's in training: a plain head that does not train (checked
+    again on every call for the device: the model may move after the trainer is built)."""
+    return plain_head(model) and not model.get_output_embeddings().weight.requires_grad
 
 
 def causal_lm(model):
@@ -137,9 +143,9 @@ def labelled_loss_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     batch's (tokens x vocab) logits (8 x 2048 tokens on Llama-2: 8 x 2048 x 32000 x (2 + 4 + 4) bytes, ~5 GB
     for the logits in bf16, in fp32 and their log-softmax)."""
     lm = causal_lm(model)  # PEFT injects LoRA into the layers: the backbone runs with the adapter
+    if not plain_head(lm):
+        return full_logits_loss_sum(model, input_ids, attention_mask, labels)
     head = lm.get_output_embeddings()
-    if head.bias is not None or not head.weight.is_floating_point():
-        raise ValueError(f"herd scores the loss through an unquantized, bias-free LM head; got {head}")
     hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     hidden = hidden.last_hidden_state[:, :-1]
     targets = labels[:, 1:].to(hidden.device)
@@ -147,3 +153,15 @@ def labelled_loss_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     log_probs, _, _ = LabelledLogProbs.apply(hidden[keep].to(head.weight.device), head.weight,
                                              targets[keep].to(head.weight.device), False)
     return -log_probs.double().sum().item(), int(keep.sum())
+
+
+@torch.no_grad()
+def full_logits_loss_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         labels: torch.Tensor) -> tuple[float, int]:
+    """The same sum through the model's own full logits: for heads herd's cannot stand in for (and the
+    plain alternative the benchmark compares against)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    targets = labels[:, 1:].to(logits.device)
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                             ignore_index=-100, reduction="sum")
+    return loss.item(), int((targets != -100).sum())
