@@ -90,6 +90,8 @@ def run_module(module: str, *args: str, cwd: Path = REPO, timeout: int = 600, en
 FAST_TRAIN = [
     "model=tiny", "data=sample", "peft=qlora", "train.global_batch_size=4", "train.micro_batch_size=4",
     "train.learning_rate=3e-3", "train.warmup_ratio=0", "data.max_seq_len=256", "train.logging_steps=5",
+    # on, as auto picks for large models on GPUs (on CPU auto turns it off): the suite keeps covering it
+    "train.gradient_checkpointing=true",
 ]
 
 

@@ -189,10 +189,14 @@ def run(cfg: DictConfig) -> RunResult | None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     strategy.check_compatibility(job, world_size, dtype, device)
     location = model_location(job.model)
-    settings, plan = plan_job(job, world_size, location)
     device_bytes = device_memory_bytes(job, device)
+    settings, plan = plan_job(job, world_size, location, device_bytes)
+    checkpointing = ("on" if settings.gradient_checkpointing else "off") + (
+        " (auto)" if job.train.gradient_checkpointing is None else "")
+    job.train.gradient_checkpointing = settings.gradient_checkpointing  # auto decided by the plan
     if job.plan:
         print(plan.format(device_bytes))
+        print(f"gradient checkpointing {checkpointing}")
         print("launch with:\n  " + "\n  ".join(launch_commands(world_size)), flush=True)
         return None
     check_fits(job, settings, plan, location, device_bytes)
@@ -216,7 +220,8 @@ def run(cfg: DictConfig) -> RunResult | None:
     if state.is_main_process:
         rundir.write_config(run_dir, cfg)
         print(f"herd: run directory {run_dir}; strategy {job.strategy.name.value}, {state.num_processes} "
-              f"process(es), {device}" + (f"; resuming from {resume_from.name}" if resume_from else ""),
+              f"process(es), {device}; gradient checkpointing {checkpointing}"
+              + (f"; resuming from {resume_from.name}" if resume_from else ""),
               flush=True)
 
     tokenizer = load_tokenizer(job.model, location)
@@ -289,6 +294,7 @@ def run(cfg: DictConfig) -> RunResult | None:
             "final_train_loss": last_train_loss(trainer), "resumed_from": resume_from.name if resume_from else None,
             "data": report.summary(), "distributed": facts,
             "packing": ("row per bin" if packed_rows else "one flattened row") if job.train.packing else None,
+            "gradient_checkpointing": checkpointing,
             # what scored the loss: herd's head runs on CPU only, TRL's fused head elsewhere
             "lm_head": "herd: labelled positions, CPU" if lm_head.scored_batches(model) else "TRL fused",
         })

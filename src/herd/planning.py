@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import shlex
 import sys
+from dataclasses import replace
 
-from herd.config import ConfigError, Quant, TrainJob
-from herd.plan import GB, MemoryPlan, Settings, estimate_settings, load_model_shape, suggest
+from herd.config import ConfigError, Quant, Strategy, TrainJob
+from herd.plan import GB, MemoryPlan, ModelShape, Settings, estimate_settings, load_model_shape, suggest
+
+# train.gradient_checkpointing=null turns it off only when the plan without it leaves this share of the
+# device free: the plan was within -3%..+17% of measured peaks (benchmarks/results/gpu_h100_memory_calibration.json)
+AUTO_CHECKPOINTING_FREE_SHARE = 0.10
 
 
 def job_settings(job: TrainJob, world_size: int) -> Settings:
@@ -24,21 +29,38 @@ def job_settings(job: TrainJob, world_size: int) -> Settings:
         lora_r=job.peft.r,
         lora_targets="all-linear" if targets == ["all-linear"] else tuple(targets),
         lora_dropout=job.peft.dropout,
-        gradient_checkpointing=job.train.gradient_checkpointing,
+        gradient_checkpointing=job.train.gradient_checkpointing is not False,  # auto is decided in plan_job
         optimizer="paged_adamw_8bit" if "8bit" in job.train.optimizer else "adamw",
         cpu_offload=job.strategy.cpu_offload or job.strategy.offload_optimizer,
         grad_accum=max(1, job.train.global_batch_size // (job.train.micro_batch_size * world_size)),
     )
 
 
-def plan_job(job: TrainJob, world_size: int, location: str) -> tuple[Settings, MemoryPlan]:
+def plan_job(job: TrainJob, world_size: int, location: str,
+             device_bytes: int | None = None) -> tuple[Settings, MemoryPlan]:
+    """The job's memory plan; with train.gradient_checkpointing=null its settings carry the decision
+    (auto_checkpointing)."""
     try:
         shape = load_model_shape(location)
     except Exception as error:  # noqa: BLE001 -- hub unreachable, gated without HF_TOKEN, no such directory ...
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(f"cannot read the config.json of model.path={location}: {first_line}") from None
     settings = job_settings(job, world_size)
+    if job.train.gradient_checkpointing is None:
+        settings = replace(settings, gradient_checkpointing=auto_checkpointing(job, shape, settings, device_bytes))
     return settings, estimate_settings(shape, settings)
+
+
+def auto_checkpointing(job: TrainJob, shape: ModelShape, settings: Settings, device_bytes: int | None) -> bool:
+    """Gradient checkpointing for train.gradient_checkpointing=null: on only where the memory needs it."""
+    offloading = (job.strategy.name == Strategy.zero3_offload or job.strategy.cpu_offload
+                  or job.strategy.offload_optimizer or job.strategy.offload_params)
+    if offloading:  # the plan under-predicts offloading runs (PEFT's 70B FSDP offload: 19.6 GB, planned 13.1)
+        return True
+    if device_bytes is None:  # CPU without device_memory_gb: no device memory to plan against
+        return False
+    without = estimate_settings(shape, replace(settings, gradient_checkpointing=False))
+    return without.total_per_gpu_bytes > (1 - AUTO_CHECKPOINTING_FREE_SHARE) * device_bytes
 
 
 def launch_commands(world_size: int) -> list[str]:
