@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -23,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_train import SHAPES, bench_model, conversations, measure_in_own_process
+from bench_train import SHAPES, bench_model, conversations, measure_in_own_process, write_report
 
 from herd.config import ModelConfig, PeftConfig
 from herd.data import tokenize_conversations
@@ -109,18 +106,7 @@ def main() -> None:
     for round_index in range(args.rounds):
         for side in ("full-logits", "herd") if round_index % 2 == 0 else ("herd", "full-logits"):
             results.append({"round": round_index, **measure_in_own_process(side, __file__)})
-    import importlib.metadata as md
-
-    report = {
-        "date": datetime.now(timezone.utc).isoformat(),
-        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu",
-        "cpu_count": os.cpu_count(),
-        "settings": {k: v for k, v in vars(args).items() if not k.startswith("one_side")},
-        "versions": {p: md.version(p) for p in ("torch", "transformers", "peft", "bitsandbytes")},
-        "results": results,
-    }
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args, results)
 
 
 if __name__ == "__main__":

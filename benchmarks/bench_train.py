@@ -211,6 +211,23 @@ def bench_model(shape: str, model_dir: str | None = None):
     return tokenizer, path
 
 
+def write_report(args, results: list[dict], **extra) -> None:
+    """The results file: date, device, settings and versions with the measured results."""
+    import importlib.metadata as md
+
+    report = {
+        "date": datetime.now(timezone.utc).isoformat(),
+        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu",
+        "cpu_count": os.cpu_count(),
+        "settings": {key: value for key, value in vars(args).items() if not key.startswith("one_side")},
+        "versions": {p: md.version(p) for p in ("torch", "transformers", "trl", "peft", "bitsandbytes")},
+        **extra,
+        "results": results,
+    }
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", choices=SHAPES, default="small")
@@ -246,20 +263,8 @@ def main() -> None:
         for side in order:
             results.append({"round": round_index, **measure_in_own_process(side)})
 
-    import importlib.metadata as md
-
-    report = {
-        "date": datetime.now(timezone.utc).isoformat(),
-        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu",
-        "cpu_count": os.cpu_count(),
-        "settings": vars(args),
-        "versions": {p: md.version(p) for p in ("torch", "transformers", "trl", "peft", "bitsandbytes")},
-        "tokenizer_note": "herd's tiny tokenizer (1024 tokens) over the model's 32000-token embedding: "
-                          "sequence lengths come from herd's generated guanaco-style conversations",
-        "results": results,
-    }
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args, results, tokenizer_note="herd's tiny tokenizer (1024 tokens) over the model's 32000-token "
+                 "embedding: sequence lengths come from herd's generated guanaco-style conversations")
 
 
 if __name__ == "__main__":

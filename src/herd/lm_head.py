@@ -74,6 +74,14 @@ class LabelledLogProbs(torch.autograd.Function):
         return (-grad_hidden * grad_log_probs[:, None]).to(ctx.hidden_dtype), None, None, None
 
 
+def score_next_tokens(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, metrics: bool):
+    """LabelledLogProbs for each position's next token (`labels` shifted by one), labelled positions only,
+    on the head's device; and the (batch, seq - 1) mask of those positions."""
+    targets = labels[:, 1:].to(weight.device)
+    mask = targets != -100
+    return LabelledLogProbs.apply(hidden[:, :-1].to(weight.device)[mask], weight, targets[mask], metrics), mask
+
+
 def plain_head(model) -> bool:
     """Whether the model's logits are just hidden @ W.T through an unquantized, bias-free head (what herd's
     head computes): no softcapping, scaling or MoE router loss on top."""
@@ -112,12 +120,10 @@ def score_labelled_positions_on_cpu(trainer) -> bool:
                                num_items_in_batch=num_items_in_batch, **kwargs)
         forward.scored_batches += 1
         kwargs["use_cache"] = False
-        hidden = model.base_model(*args, **kwargs).last_hidden_state[:, :-1]
-        targets = labels[:, 1:]
-        mask = targets != -100
+        hidden = model.base_model(*args, **kwargs).last_hidden_state
         weight = head.weight.full_tensor() if isinstance(head.weight, DTensor) else head.weight
         with maybe_gather_lm_head_ctx(head.weight):  # ZeRO-3: the head is partitioned outside its forward
-            scored = LabelledLogProbs.apply(hidden[mask], weight, targets[mask])
+            scored, mask = score_next_tokens(hidden, labels, weight, metrics=True)
         # masked_scatter keeps an all-ignored batch connected to the graph: a zero loss that still backpropagates
         log_probs, entropy, is_top1 = (x.new_zeros(mask.shape).masked_scatter(mask, x) for x in scored)
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
@@ -145,14 +151,9 @@ def labelled_loss_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     lm = causal_lm(model)  # PEFT injects LoRA into the layers: the backbone runs with the adapter
     if not plain_head(lm):
         return full_logits_loss_sum(model, input_ids, attention_mask, labels)
-    head = lm.get_output_embeddings()
-    hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    hidden = hidden.last_hidden_state[:, :-1]
-    targets = labels[:, 1:].to(hidden.device)
-    keep = targets != -100
-    log_probs, _, _ = LabelledLogProbs.apply(hidden[keep].to(head.weight.device), head.weight,
-                                             targets[keep].to(head.weight.device), False)
-    return -log_probs.double().sum().item(), int(keep.sum())
+    hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    (log_probs, _, _), mask = score_next_tokens(hidden, labels, lm.get_output_embeddings().weight, metrics=False)
+    return -log_probs.double().sum().item(), int(mask.sum())
 
 
 @torch.no_grad()
