@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from herd.config import ConfigError, ModelConfig, PeftConfig, Quant, Strategy, StrategyConfig, TrainJob
-from herd.dist import free_port
+from herd.dist import close_process_group, free_port
 from herd.strategy import check_compatibility, trainer_kwargs
 from tests.conftest import FAST_TRAIN, OFFLINE_ENV, REPO, run_module
 
@@ -195,6 +195,16 @@ def test_ddp_two_processes_one_run_dir_and_exact_resume(uninterrupted, tmp_path,
     straight = launch(tmp_path, *RESUME, "strategy=ddp", f"output_dir={tmp_path / 'straight'}")
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert_same_run(tmp_path / "straight", run_dir)
+
+
+def test_a_rank_that_finished_closes_its_process_group():
+    """Every entrypoint does this after its task succeeds (herd.cli); left to interpreter exit gloo aborted a
+    finished lm-eval rank in CI."""
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                                         world_size=1)
+    close_process_group()
+    assert not torch.distributed.is_initialized()
+    close_process_group()  # none open: nothing to do
 
 
 def test_a_rank_that_raises_ends_the_launch_quickly(tmp_path, tiny_model_dir):

@@ -28,7 +28,7 @@ from omegaconf.errors import (
 )
 
 from herd.config import ConfigError, HerdError, register_configs
-from herd.dist import ensure_run_id
+from herd.dist import close_process_group, ensure_run_id
 from herd.paths import REPO_ROOT
 
 CONF_DIR = REPO_ROOT / "conf"
@@ -161,13 +161,15 @@ def hydra_entry(
             module, _, function = task_path.partition(":")
             task: Callable[[DictConfig], Any] = getattr(importlib.import_module(module), function)
             try:
-                return task(cfg)
+                result = task(cfg)
             except ConfigError as error:
                 print(f"herd: invalid config: {error}", file=sys.stderr)
                 sys.exit(2)
             except HerdError as error:
                 print(f"herd: {error}", file=sys.stderr)
                 sys.exit(2)
+            close_process_group()
+            return result
 
         hydra.main(version_base=None, config_path=str(CONF_DIR), config_name=config_name)(guarded_task)()
 

@@ -1,9 +1,10 @@
-"""Rank helpers and the one run id every rank and node of a launch agrees on."""
+"""Rank helpers, the one run id every rank and node of a launch agrees on, and closing the process group."""
 
 from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from datetime import datetime
 
@@ -48,3 +49,22 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def close_process_group() -> None:
+    """Wait for every rank, then destroy the default process group, once this rank's work succeeded.
+
+    Without this a finished rank can abort at interpreter exit ("terminate called without an active
+    exception", SIGABRT) and the launcher reports the run as failed: seen in CI on the rank of `infer.lm_eval`
+    that returns right after its last `all_gather_object` while rank 0 still writes results (2 runs in 10
+    here). A gloo worker thread was still releasing that collective's Python-owned tensors when the
+    interpreter shut down. destroy_process_group alone does not stop those threads: DeepSpeed, imported
+    late by accelerate's unwrap_model, keeps the group alive in default arguments (`TorchBackend.barrier`).
+    The barrier gives every worker thread time to let go of the last collective (the wait releases the
+    GIL they need) and ends all ranks together. Only after success: a rank that failed must not wait for
+    the others (the launcher stops them). torch is not imported here for a run that never started it.
+    """
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.barrier()
+        distributed.destroy_process_group()
