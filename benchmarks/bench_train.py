@@ -38,6 +38,15 @@ from herd.sample_data import generate_guanaco_rows
 from herd.tiny import MODEL_SHAPE, ensure_tiny_model
 from herd.tracking import count_parameters, device_peak_flops, flops_per_token
 
+SIDES = {
+    "baseline": "the plain TRL + PEFT script, benchmarks/baseline_sft.py",
+    "herd": "herd's data, loading and trainer changes, as `python -m train` runs them",
+    "herd-one-row": "herd with TRL's one flattened packed row instead of a row per bin",
+    "herd-no-checkpointing": "herd without gradient checkpointing",
+    "herd-trl-head": "herd with TRL's fused LM head instead of herd's on CPU",
+    "herd-2-workers": "herd with 2 data loader workers",
+}
+
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads
     # herd's own tiny test model (herd.tiny: its 1024-token vocabulary, built with its tokenizer)
     "tiny": tuple(MODEL_SHAPE[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
@@ -97,10 +106,8 @@ def herd_trainer(model_dir: Path, convs, output_dir: str, args, callbacks, token
 
     from herd.config import DataConfig, ModelConfig, PeftConfig, StrategyConfig, TrainConfig, TrainJob
     from herd.data import tokenize_conversations
-    from herd.lm_head import score_labelled_positions_on_cpu
     from herd.modeling import add_lora, load_base_model
-    from herd.packing import collate_packed_bins_per_row
-    from train.recipe import training_arguments
+    from train.recipe import adapt_trainer, training_arguments
 
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -123,14 +130,23 @@ def herd_trainer(model_dir: Path, convs, output_dir: str, args, callbacks, token
     model = add_lora(model, job.peft, checkpointing)
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=Dataset.from_list(samples),
                          processing_class=tokenizer, callbacks=callbacks)
-    for parameter in trainer.model.parameters():  # as train.recipe does for non-sharded runs
-        if parameter.requires_grad:
-            parameter.data = parameter.data.float()
-    if not one_row:  # as train.recipe does; "herd-one-row" keeps TRL's flattened row for comparison
-        collate_packed_bins_per_row(trainer, args.attn)
-    if not trl_head:  # as train.recipe does; "herd-trl-head" keeps TRL's fused LM head for comparison
-        score_labelled_positions_on_cpu(trainer)
+    # "herd-one-row" keeps TRL's flattened row, "herd-trl-head" TRL's fused LM head, for comparison.
+    adapt_trainer(trainer, args.attn, torch.float32, row_per_bin=not one_row, herd_head=not trl_head)
     return trainer
+
+
+def what_ran(trainer) -> dict:
+    """What a side really trained with, read back from its trainer: a side's name says what it meant to."""
+    from herd.lm_head import scored_batches
+    from herd.packing import PackedRowsCollator
+
+    rows = "row per bin" if isinstance(trainer.data_collator, PackedRowsCollator) else "one flattened row"
+    return {
+        "lm_head": "herd (labelled positions)" if scored_batches(trainer.model) else "TRL",
+        "packing": rows if trainer.args.packing else "none (padded)",
+        "gradient_checkpointing": bool(trainer.args.activation_checkpointing),
+        "dataloader_workers": trainer.args.dataloader_num_workers,
+    }
 
 
 def measure(side: str, args, model_dir: Path, convs, tokenizer) -> dict:
@@ -151,6 +167,7 @@ def measure(side: str, args, model_dir: Path, convs, tokenizer) -> dict:
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
+        ran = what_ran(trainer)
         n_base, n_lora = count_parameters(trainer.model)
         peak_allocated = torch.cuda.max_memory_allocated() if args.device == "cuda" else None
         peak_reserved = torch.cuda.max_memory_reserved() if args.device == "cuda" else None
@@ -169,7 +186,7 @@ def measure(side: str, args, model_dir: Path, convs, tokenizer) -> dict:
         "non_padding_tokens_per_s": tokens_per_s, "tokens_per_step": tokens / len(measured),
         "time_to_first_step_s": timer.first_step_at - started,  # from this side's setup, imports done
         "first_step_wall_clock": timer.first_step_wall,
-        "n_base": n_base, "n_lora": n_lora,
+        "n_base": n_base, "n_lora": n_lora, **ran,
         "peak_allocated_gb": peak_allocated / 2**30 if peak_allocated else None,
         "peak_reserved_gb": peak_reserved / 2**30 if peak_reserved else None,
     }
@@ -241,13 +258,15 @@ def main() -> None:
     parser.add_argument("--no-packing", action="store_true")
     parser.add_argument("--model-dir", default=None)
     parser.add_argument("--attn", default="sdpa", help="herd's attention: sdpa | flex_attention | eager")
-    parser.add_argument("--sides", default="baseline,herd", help="baseline, herd, herd-one-row (TRL's "
-                        "flattened packed row instead of herd's row per bin), herd-no-checkpointing, herd-trl-head (TRL's "
-                        "fused LM head instead of herd's on CPU), herd-2-workers (2 data loader workers)")
+    parser.add_argument("--sides", default="baseline,herd", help="comma-separated: " + "; ".join(
+        f"{side} ({meaning})" for side, meaning in SIDES.items()))
     parser.add_argument("--out", required=True)
     parser.add_argument("--one-side", help=argparse.SUPPRESS)
     parser.add_argument("--one-side-result", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    unknown = [side for side in args.sides.split(",") if side not in SIDES]
+    if unknown:
+        sys.exit(f"bench_train: unknown side {unknown[0]!r} in --sides; allowed: {', '.join(SIDES)}")
 
     tokenizer, model_dir = bench_model(args.shape, args.model_dir)
     convs = conversations(args.conversations)

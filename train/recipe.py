@@ -119,6 +119,28 @@ def training_arguments(job: TrainJob, run_dir: Path, device: str, dtype: torch.d
     )
 
 
+def adapt_trainer(trainer: SFTTrainer, attn_implementation: str, adapter_dtype: torch.dtype,
+                  row_per_bin: bool = True, herd_head: bool = True) -> bool:
+    """herd's changes to a built SFTTrainer, in one place (the benchmark switches them off one at a time to
+    measure each). Returns whether packed bins keep a row each.
+
+    - Packed bins keep a row each instead of TRL's one flattened row (herd.packing).
+    - On CPU herd's loss head scores labelled positions only (herd.lm_head); TRL's fused head elsewhere.
+    - TRL casts QLoRA adapters to bf16, but a resumed run reloads them from the checkpoint in fp32: the two
+      would train differently. herd keeps LoRA weights in `adapter_dtype`: fp32 (PEFT's own default;
+      autocast still runs the matmuls in the compute dtype) except where a sharded strategy flattens them
+      together with the base weights (the training dtype: bf16 on GPU, fp32 on CPU; herd's CPU FSDP2 and
+      DeepSpeed on CPU are all fp32, 4-bit storage included).
+    """
+    packed_rows = row_per_bin and packing.collate_packed_bins_per_row(trainer, attn_implementation)
+    if herd_head:
+        lm_head.score_labelled_positions_on_cpu(trainer)
+    for parameter in trainer.model.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.to(adapter_dtype)
+    return packed_rows
+
+
 class ShardedSFTTrainer(SFTTrainer):
     """SFTTrainer for a model herd sharded itself with FSDP2 (strategy=fsdp on CPU, where accelerate has no
     FSDP): the adapter is gathered whole on every rank and written by rank 0; each rank checkpoints its
@@ -255,17 +277,9 @@ def run(cfg: DictConfig) -> RunResult | None:
         callbacks=[EvalSummary(), CompleteMarker(run_dir, state), DebugFaults(), preemption, tracker],
     )
     trainer.add_callback(WrappedModelProbe(trainer))
-    packed_rows = packing.collate_packed_bins_per_row(trainer, job.model.attn_implementation)
-    lm_head.score_labelled_positions_on_cpu(trainer)
-    # TRL casts QLoRA adapters to bf16, but a resumed run reloads them from the checkpoint in fp32: the two
-    # would train differently. herd keeps LoRA weights fp32 (PEFT's own default; autocast still runs the
-    # matmuls in the compute dtype) except where a sharded strategy flattens them together with the base
-    # weights: those need one dtype, the training dtype (bf16 on GPU, fp32 on CPU; herd's CPU FSDP2 and
-    # DeepSpeed on CPU are all fp32, 4-bit storage included).
+    # Adapters that a sharded strategy flattens together with the base weights need its one dtype.
     adapter_dtype = dtype if job.strategy.name in strategy.SHARDED and not manual_fsdp2 else torch.float32
-    for parameter in trainer.model.parameters():
-        if parameter.requires_grad:
-            parameter.data = parameter.data.to(adapter_dtype)
+    packed_rows = adapt_trainer(trainer, job.model.attn_implementation, adapter_dtype)
     if manual_fsdp2:
         # After TRL's constructor (which re-assigns the adapters' .data: that must not touch FSDP's shards)
         # and before train() builds the optimizer over the sharded parameters.
