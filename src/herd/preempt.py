@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from herd.dist import close_process_group, rank
+
 PREEMPTED_EXIT = 124  # the batch script requeues on this status (or whenever it forwarded a USR1)
 
 
@@ -50,10 +52,8 @@ class Preemption(TrainerCallback):
         """After trainer.train(): once every rank has finished saving, exit with PREEMPTED_EXIT."""
         if not self.stopped:
             return
-        distributed = dist.is_available() and dist.is_initialized()
-        if distributed:
-            dist.barrier()
-        if not distributed or dist.get_rank() == 0:
+        close_process_group()  # waits until every rank has saved; a clean end, as after a finished run
+        if rank() == 0:
             print(f"herd: checkpoint saved after the preemption signal; exiting with {PREEMPTED_EXIT} for the job "
                   "to be requeued", flush=True)
         sys.exit(PREEMPTED_EXIT)
