@@ -43,6 +43,6 @@ def test_an_unknown_side_is_refused_in_one_line(tmp_path):
     result = bench_train("--sides", "baseline,herd-fast", "--out", str(out))
     assert result.returncode != 0
     refusal = [line for line in result.stderr.splitlines() if line.startswith("bench_train:")]
-    assert refusal == ["bench_train: unknown side 'herd-fast' in --sides; allowed: baseline, herd, herd-one-row, "
-                       "herd-no-checkpointing, herd-trl-head, herd-2-workers"]
+    allowed = "baseline, herd, herd-one-row, herd-no-checkpointing, herd-trl-head, herd-2-workers"
+    assert refusal == [f"bench_train: unknown side 'herd-fast' in --sides; allowed: {allowed}"]
     assert not out.exists()

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from herd.cli import check_config, user_overrides
+from herd.cli import check_config, sweep_dir_override, user_overrides
 from herd.config import ConfigError, register_configs
 from tests.conftest import REPO, run_module
 
@@ -81,3 +81,12 @@ def test_batch_arithmetic_refused(tmp_path):
     assert "train.global_batch_size=6 is not divisible by train.micro_batch_size x processes = 4 x 1" in (
         result.stderr)
     assert not Path(tmp_path / "run" / "adapter").exists()
+
+
+def test_multirun_output_dir_names_the_sweep_directory_and_cannot_be_swept():
+    assert sweep_dir_override(["-m", "train.learning_rate=1e-4,2e-4", "output_dir=runs/lr"], "output_dir") == [
+        "hydra.sweep.dir=runs/lr"]
+    assert sweep_dir_override(["train.learning_rate=1e-4", "output_dir=runs/lr"], "output_dir") == []  # no sweep
+    assert sweep_dir_override(["--multirun", "train.learning_rate=1e-4,2e-4"], "output_dir") == []  # conf's default
+    with pytest.raises(ConfigError, match=r"output_dir cannot be swept: .* each job runs in <output_dir>/<job number>"):
+        sweep_dir_override(["-m", "output_dir=runs/a,runs/b"], "output_dir")

@@ -340,3 +340,23 @@ def test_resumable_parts_refuse_other_settings_and_report_missing_records(tmp_pa
     assert resumable.finalize(final, [0, 1, 2], {"fingerprint": "settings-a"}) == 3
     assert [r["id"] for r in read_jsonl(final)] == [0, 1, 2]
     assert resumable.begin(final, "settings-a", overwrite=False) is True  # complete: nothing to do
+
+
+def test_a_sweep_never_overwrites_an_earlier_jobs_output(trained_run, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    write_prompts(prompts, 3)
+    common = ["-m", f"run_dir={trained_run}", f"generate.prompts={prompts}", "generate.max_new_tokens=4",
+              "generate.temperature=0.5,0.9"]
+    shared = tmp_path / "shared.jsonl"
+    refused = run_module("infer.generate", *common, f"generate.output={shared}", check=False)
+    assert refused.returncode == 2
+    suggestion = f"generate.output={tmp_path}/shared-${{hydra:job.num}}.jsonl"
+    assert (f"herd: invalid config: generate.output: job 1 of this sweep would overwrite {shared}, written by job 0; "
+            f"give each job its own, e.g. '{suggestion}', or sweep run_dir") in refused.stderr.splitlines()
+    assert len(read_jsonl(shared)) == 3  # job 0's output, whole
+
+    run_module("infer.generate", *common, suggestion)  # the suggested fix works as written
+    for job, temperature in enumerate([0.5, 0.9]):
+        assert len(read_jsonl(tmp_path / f"shared-{job}.jsonl")) == 3
+        summary = json.loads((tmp_path / f"shared-{job}.summary.json").read_text())
+        assert summary["settings"]["temperature"] == temperature

@@ -197,6 +197,16 @@ def test_ddp_two_processes_one_run_dir_and_exact_resume(uninterrupted, tmp_path,
     assert_same_run(tmp_path / "straight", run_dir)
 
 
+def test_a_sweep_under_two_processes_runs_every_job(tmp_path, tiny_model_dir):
+    """The jobs of a sweep share the launch's process group: herd closes it after the last job only."""
+    result = launch(tmp_path, "-m", *RESUME, "strategy=ddp", "train.max_steps=2", "train.learning_rate=1e-3,2e-3",
+                    f"output_dir={tmp_path / 'sweep'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job in ("0", "1"):
+        metrics = json.loads((tmp_path / "sweep" / job / "metrics.json").read_text())
+        assert metrics["global_step"] == 2 and metrics["distributed"]["num_processes"] == 2
+
+
 def test_a_rank_that_finished_closes_its_process_group():
     """Every entrypoint does this after its task succeeds (herd.cli); left to interpreter exit gloo aborted a
     finished lm-eval rank in CI."""

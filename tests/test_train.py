@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import OFFLINE_ENV, REPO
+from tests.conftest import FAST_TRAIN, OFFLINE_ENV, REPO, run_module
 
 
 def test_training_lowers_eval_loss_and_writes_the_run(trained_run):
@@ -108,3 +108,23 @@ def test_evaluation_between_steps_leaves_gradients_unchanged(aligned_tiny_model)
     assert evaluated.keys() == twin.keys() and len(evaluated) > 0
     for name in twin:
         torch.testing.assert_close(evaluated[name], twin[name], rtol=0, atol=0, msg=name)
+
+
+def test_each_job_of_a_sweep_trains_in_its_own_run_directory(tmp_path):
+    """`-m` sweeps: <output_dir>/<job number> per job (as herd.slurm's job arrays), or runs/sweep-<id>/<n>.
+    All jobs once shared one run directory, and every job after the first found it finished and did nothing."""
+    sweep = tmp_path / "lr-sweep"
+    quick = [*FAST_TRAIN, "train.max_steps=1", "train.eval_steps=100", "data.max_samples=16"]
+    run_module("train", "-m", *quick, "train.learning_rate=1e-3,2e-3", f"output_dir={sweep}")
+    for job, learning_rate in enumerate([1e-3, 2e-3]):
+        run_dir = sweep / str(job)
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert config["train"]["learning_rate"] == learning_rate and config["output_dir"] == str(run_dir)
+        assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 1
+        assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
+    assert (sweep / "multirun.yaml").exists()  # Hydra's record of the sweep, next to its jobs
+
+    run_module("train", "-m", *quick, cwd=tmp_path, env={"PYTHONPATH": str(REPO)})  # no output_dir
+    [default_sweep] = (tmp_path / "runs").iterdir()
+    assert default_sweep.name.startswith("sweep-") and (default_sweep / "0" / "metrics.json").exists()
+    assert not (tmp_path / "multirun").exists()  # Hydra's own default sweep dir is not used

@@ -204,6 +204,7 @@ def distributed_facts(trainer, state: PartialState) -> dict:
 
 
 def run(cfg: DictConfig) -> RunResult | None:
+    cfg.output_dir = rundir.job_run_dir(cfg.output_dir)  # config.yaml records where the job really ran
     job: TrainJob = OmegaConf.to_object(cfg)
     preemption = Preemption()  # first: a USR1 that arrives while loading is kept for the first step
     device = resolve_device(job.device)

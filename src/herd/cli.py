@@ -62,6 +62,21 @@ def user_overrides(argv: list[str]) -> list[str]:
     return first_values
 
 
+def sweep_dir_override(argv: list[str], key: str) -> list[str]:
+    """Under --multirun, `hydra.sweep.dir=<the value of key>` when the user set `key` (train's output_dir):
+    the sweep's jobs then run in <that dir>/<job number> instead of conf's default sweep dir. A sweep over
+    `key` itself is refused: the jobs would need one directory to share."""
+    if "-m" not in argv and "--multirun" not in argv:
+        return []
+    given = [arg for arg in argv if arg.lstrip("+").partition("=")[0] == key]
+    if not given or any(arg.startswith("hydra.sweep.dir=") for arg in argv):
+        return []
+    if OverridesParser.create().parse_overrides([given[-1]])[0].is_sweep_override():
+        raise ConfigError(f"{key} cannot be swept: give one {key}, the sweep directory; each job runs in "
+                          f"<{key}>/<job number>")
+    return [f"hydra.sweep.dir={given[-1].partition('=')[2]}"]
+
+
 def _allowed_keys(config_name: str, full_key: str) -> str:
     parent_key = full_key.rpartition(".")[0]
     base = compose(config_name=config_name)
@@ -142,16 +157,20 @@ def check_config(config_name: str, overrides: list[str]) -> DictConfig:
 
 
 def hydra_entry(
-    config_name: str, task_path: str, register: Callable[[], None] = register_configs
+    config_name: str, task_path: str, register: Callable[[], None] = register_configs,
+    sweep_dir_key: str | None = None,
 ) -> Callable[[], None]:
     """A `main()` for `python -m <entry>`: validate, then run `task_path` ("module:function") under
     @hydra.main. The task is imported only once the config is known to be good. `register` stores the
-    config's schema in Hydra's ConfigStore (train's by default)."""
+    config's schema in Hydra's ConfigStore (train's by default). `sweep_dir_key`: the config key that, when
+    given with --multirun, names the sweep directory."""
 
     def main() -> None:
         register()
         ensure_run_id()
         try:
+            if sweep_dir_key:
+                sys.argv += sweep_dir_override(sys.argv[1:], sweep_dir_key)
             check_config(config_name, user_overrides(sys.argv[1:]))
         except (ConfigError, HydraException) as error:
             print(f"herd: invalid config: {str(error).splitlines()[0]}", file=sys.stderr)
@@ -161,16 +180,17 @@ def hydra_entry(
             module, _, function = task_path.partition(":")
             task: Callable[[DictConfig], Any] = getattr(importlib.import_module(module), function)
             try:
-                result = task(cfg)
+                return task(cfg)
             except ConfigError as error:
                 print(f"herd: invalid config: {error}", file=sys.stderr)
                 sys.exit(2)
             except HerdError as error:
                 print(f"herd: {error}", file=sys.stderr)
                 sys.exit(2)
-            close_process_group()
-            return result
 
         hydra.main(version_base=None, config_path=str(CONF_DIR), config_name=config_name)(guarded_task)()
+        # Reached only when every job succeeded (Hydra exits on a failure); after the last job of a sweep,
+        # whose jobs share the launch's process group.
+        close_process_group()
 
     return main

@@ -101,12 +101,16 @@ def resolve_source(job: InferJob) -> Source:
 
 
 def output_path(given: str | None, key: str, default: str, source: Source) -> Path:
-    """The `key` setting's path if given, else `default` under the run directory; refused without either."""
+    """The `key` setting's path if given, else `default` under the run directory; refused without either, and
+    refused to a sweep job whose path an earlier job of the sweep wrote."""
     if given:
-        return Path(given).expanduser().resolve()
-    if source.run_dir is None:
+        path = Path(given).expanduser().resolve()
+    elif source.run_dir is None:
         raise ConfigError(f"no run_dir to write into; set {key}=<path>")
-    return source.run_dir / default
+    else:
+        path = source.run_dir / default
+    rundir.claim_sweep_output(path, key)
+    return path
 
 
 # ---------------------------------------------------------------- loading
