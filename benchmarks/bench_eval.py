@@ -9,7 +9,6 @@ RSS), the loss (both must agree).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_train import SHAPES, bench_model, conversations, measure_in_own_process, write_report
+from bench_train import SHAPES, add_side_arguments, bench_model, conversations, run_sides, write_report
 
 from herd.config import ModelConfig, PeftConfig
 from herd.data import tokenize_conversations
@@ -91,22 +90,16 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--one-side", help=argparse.SUPPRESS)
-    parser.add_argument("--one-side-result", help=argparse.SUPPRESS)
+    add_side_arguments(parser)
+    parser.set_defaults(rounds=2)
     args = parser.parse_args()
 
     tokenizer, model_dir = bench_model(args.shape)
-    if args.one_side:
-        Path(args.one_side_result).write_text(json.dumps(measure(args.one_side, args, model_dir, tokenizer)))
-        return
-
-    results = []
-    for round_index in range(args.rounds):
-        for side in ("full-logits", "herd") if round_index % 2 == 0 else ("herd", "full-logits"):
-            results.append({"round": round_index, **measure_in_own_process(side, __file__)})
-    write_report(args, results)
+    results = run_sides(args, ["full-logits", "herd"], lambda side: measure(side, args, model_dir, tokenizer),
+                        __file__)
+    if results is not None:
+        write_report(args, results)
 
 
 if __name__ == "__main__":

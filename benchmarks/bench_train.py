@@ -137,13 +137,12 @@ def herd_trainer(model_dir: Path, convs, output_dir: str, args, callbacks, token
 
 def what_ran(trainer) -> dict:
     """What a side really trained with, read back from its trainer: a side's name says what it meant to."""
-    from herd.lm_head import scored_batches
-    from herd.packing import PackedRowsCollator
+    from herd.lm_head import head_that_ran
+    from herd.packing import packed_layout
 
-    rows = "row per bin" if isinstance(trainer.data_collator, PackedRowsCollator) else "one flattened row"
     return {
-        "lm_head": "herd (labelled positions)" if scored_batches(trainer.model) else "TRL",
-        "packing": rows if trainer.args.packing else "none (padded)",
+        "lm_head": head_that_ran(trainer.model),
+        "packing": packed_layout(trainer) or "none (padded)",
         "gradient_checkpointing": bool(trainer.args.activation_checkpointing),
         "dataloader_workers": trainer.args.dataloader_num_workers,
     }
@@ -200,6 +199,25 @@ def measure(side: str, args, model_dir: Path, convs, tokenizer) -> dict:
     return result
 
 
+def add_side_arguments(parser: argparse.ArgumentParser) -> None:
+    """--rounds, and the hidden arguments run_sides gives the process that measures one side."""
+    parser.add_argument("--rounds", type=int, default=1, help="rounds over all sides, order alternating")
+    parser.add_argument("--one-side", help=argparse.SUPPRESS)
+    parser.add_argument("--one-side-result", help=argparse.SUPPRESS)
+
+
+def run_sides(args, sides: list[str], measure_one, script: str) -> list[dict] | None:
+    """Every side in its own process (measure_in_own_process), `args.rounds` rounds alternating the order.
+    In such a child (--one-side) it measures that one side, writes the result for its parent, and returns
+    None."""
+    if args.one_side:
+        Path(args.one_side_result).write_text(json.dumps(measure_one(args.one_side)))
+        return None
+    return [{"round": round_index, **measure_in_own_process(side, script)}
+            for round_index in range(args.rounds)
+            for side in (sides if round_index % 2 == 0 else sides[::-1])]
+
+
 def measure_in_own_process(side: str, script: str = __file__) -> dict:
     """Each side in a fresh process (`script` run again with --one-side): its own peak RSS and allocator
     state, and the time from the command (interpreter start, imports, loading) to its first finished step."""
@@ -253,7 +271,6 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--micro-batch", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=1, help="baseline/herd pairs, alternating order")
     parser.add_argument("--conversations", type=int, default=2000)
     parser.add_argument("--no-packing", action="store_true")
     parser.add_argument("--model-dir", default=None)
@@ -261,8 +278,7 @@ def main() -> None:
     parser.add_argument("--sides", default="baseline,herd", help="comma-separated: " + "; ".join(
         f"{side} ({meaning})" for side, meaning in SIDES.items()))
     parser.add_argument("--out", required=True)
-    parser.add_argument("--one-side", help=argparse.SUPPRESS)
-    parser.add_argument("--one-side-result", help=argparse.SUPPRESS)
+    add_side_arguments(parser)
     args = parser.parse_args()
     unknown = [side for side in args.sides.split(",") if side not in SIDES]
     if unknown:
@@ -271,19 +287,11 @@ def main() -> None:
     tokenizer, model_dir = bench_model(args.shape, args.model_dir)
     convs = conversations(args.conversations)
 
-    if args.one_side:  # a child of the loop below: one side, its result to a file
-        Path(args.one_side_result).write_text(json.dumps(measure(args.one_side, args, model_dir, convs, tokenizer)))
-        return
-
-    results = []
-    for round_index in range(args.rounds):
-        sides = args.sides.split(",")
-        order = sides if round_index % 2 == 0 else sides[::-1]
-        for side in order:
-            results.append({"round": round_index, **measure_in_own_process(side)})
-
-    write_report(args, results, tokenizer_note="herd's tiny tokenizer (1024 tokens) over the model's 32000-token "
-                 "embedding: sequence lengths come from herd's generated guanaco-style conversations")
+    results = run_sides(args, args.sides.split(","),
+                        lambda side: measure(side, args, model_dir, convs, tokenizer), __file__)
+    if results is not None:
+        write_report(args, results, tokenizer_note="herd's tiny tokenizer (1024 tokens) over the model's 32000-token"
+                     " embedding: sequence lengths come from herd's generated guanaco-style conversations")
 
 
 if __name__ == "__main__":

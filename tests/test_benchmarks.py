@@ -28,10 +28,10 @@ def test_each_side_trains_with_what_its_name_says(tmp_path):
     report = json.loads(out.read_text())
     ran = {r["side"]: {k: r[k] for k in ("lm_head", "packing")} for r in report["results"]}
     assert ran == {
-        "baseline": {"lm_head": "TRL", "packing": "none (padded)"},
-        "herd": {"lm_head": "herd (labelled positions)", "packing": "row per bin"},
-        "herd-one-row": {"lm_head": "herd (labelled positions)", "packing": "one flattened row"},
-        "herd-trl-head": {"lm_head": "TRL", "packing": "row per bin"},
+        "baseline": {"lm_head": "TRL fused", "packing": "none (padded)"},
+        "herd": {"lm_head": "herd: labelled positions, CPU", "packing": "row per bin"},
+        "herd-one-row": {"lm_head": "herd: labelled positions, CPU", "packing": "one flattened row"},
+        "herd-trl-head": {"lm_head": "TRL fused", "packing": "row per bin"},
     }
     for measured in report["results"]:
         assert measured["steps_measured"] == 1 and measured["non_padding_tokens_per_s"] > 0

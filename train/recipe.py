@@ -120,9 +120,9 @@ def training_arguments(job: TrainJob, run_dir: Path, device: str, dtype: torch.d
 
 
 def adapt_trainer(trainer: SFTTrainer, attn_implementation: str, adapter_dtype: torch.dtype,
-                  row_per_bin: bool = True, herd_head: bool = True) -> bool:
+                  row_per_bin: bool = True, herd_head: bool = True) -> None:
     """herd's changes to a built SFTTrainer, in one place (the benchmark switches them off one at a time to
-    measure each). Returns whether packed bins keep a row each.
+    measure each).
 
     - Packed bins keep a row each instead of TRL's one flattened row (herd.packing).
     - On CPU herd's loss head scores labelled positions only (herd.lm_head); TRL's fused head elsewhere.
@@ -132,13 +132,13 @@ def adapt_trainer(trainer: SFTTrainer, attn_implementation: str, adapter_dtype: 
       together with the base weights (the training dtype: bf16 on GPU, fp32 on CPU; herd's CPU FSDP2 and
       DeepSpeed on CPU are all fp32, 4-bit storage included).
     """
-    packed_rows = row_per_bin and packing.collate_packed_bins_per_row(trainer, attn_implementation)
+    if row_per_bin:
+        packing.collate_packed_bins_per_row(trainer, attn_implementation)
     if herd_head:
         lm_head.score_labelled_positions_on_cpu(trainer)
     for parameter in trainer.model.parameters():
         if parameter.requires_grad:
             parameter.data = parameter.data.to(adapter_dtype)
-    return packed_rows
 
 
 class ShardedSFTTrainer(SFTTrainer):
@@ -280,7 +280,7 @@ def run(cfg: DictConfig) -> RunResult | None:
     trainer.add_callback(WrappedModelProbe(trainer))
     # Adapters that a sharded strategy flattens together with the base weights need its one dtype.
     adapter_dtype = dtype if job.strategy.name in strategy.SHARDED and not manual_fsdp2 else torch.float32
-    packed_rows = adapt_trainer(trainer, job.model.attn_implementation, adapter_dtype)
+    adapt_trainer(trainer, job.model.attn_implementation, adapter_dtype)
     if manual_fsdp2:
         # After TRL's constructor (which re-assigns the adapters' .data: that must not touch FSDP's shards)
         # and before train() builds the optimizer over the sharded parameters.
@@ -308,10 +308,9 @@ def run(cfg: DictConfig) -> RunResult | None:
             "max_steps": trainer.state.max_steps,
             "final_train_loss": last_train_loss(trainer), "resumed_from": resume_from.name if resume_from else None,
             "data": report.summary(), "distributed": facts,
-            "packing": ("row per bin" if packed_rows else "one flattened row") if job.train.packing else None,
+            "packing": packing.packed_layout(trainer),
             "gradient_checkpointing": checkpointing,
-            # what scored the loss: herd's head runs on CPU only, TRL's fused head elsewhere
-            "lm_head": "herd: labelled positions, CPU" if lm_head.scored_batches(model) else "TRL fused",
+            "lm_head": lm_head.head_that_ran(model),  # herd's head runs on CPU only, TRL's fused head elsewhere
         })
         rundir.write_json(run_dir / rundir.RUN_INFO, {
             "base_model": location, "model": OmegaConf.to_container(cfg.model, enum_to_str=True),

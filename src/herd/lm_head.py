@@ -141,6 +141,11 @@ def scored_batches(model) -> int:
     return getattr(causal_lm(model).forward, "scored_batches", 0)
 
 
+def head_that_ran(model) -> str:
+    """Which head scored the training loss of `model`, as run records name it."""
+    return "herd: labelled positions, CPU" if scored_batches(model) else "TRL fused"
+
+
 @torch.no_grad()
 def labelled_loss_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       labels: torch.Tensor) -> tuple[float, int]:

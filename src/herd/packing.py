@@ -52,12 +52,18 @@ def keeps_bins_in_rows(attn_implementation: str) -> bool:
     return attn_implementation not in ONE_ROW_ATTENTION
 
 
-def collate_packed_bins_per_row(trainer, attn_implementation: str) -> bool:
+def collate_packed_bins_per_row(trainer, attn_implementation: str) -> None:
     """Swap TRL's one-row collator for PackedRowsCollator where the attention implementation benefits.
     TRL refuses a custom collator when packing, so it is replaced after construction, before train()
-    builds its data loaders. Returns whether it did."""
+    builds its data loaders."""
     if not trainer.args.packing or not keeps_bins_in_rows(attn_implementation):
-        return False
+        return
     trainer.data_collator = PackedRowsCollator(pad_token_id=trainer.processing_class.pad_token_id)
     trainer.callback_handler.callbacks.insert(0, PackedRowsTokenCount())  # before the printer and trackers
-    return True
+
+
+def packed_layout(trainer) -> str | None:
+    """How the trainer lays out packed bins, as run records name it; None when it does not pack."""
+    if not trainer.args.packing:
+        return None
+    return "row per bin" if isinstance(trainer.data_collator, PackedRowsCollator) else "one flattened row"
