@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_train import SHAPES, add_side_arguments, bench_model, conversations, run_sides, write_report
 
-from herd.config import ModelConfig, PeftConfig
+from herd.config.train import ModelConfig, PeftConfig
 from herd.data import tokenize_conversations
 from herd.inference import plan_batches, right_padded, token_loss_sum
 from herd.lm_head import full_logits_loss_sum

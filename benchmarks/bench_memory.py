@@ -26,9 +26,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_train import SHAPES, build_model
 
-from herd.config import ModelConfig, PeftConfig
+from herd.config.train import ModelConfig, PeftConfig
+from herd.memory import CUDA_CONTEXT, GB, estimate, load_model_shape
 from herd.modeling import add_lora, load_base_model
-from herd.plan import CUDA_CONTEXT, GB, estimate, load_model_shape
 
 
 def measure(model_dir: Path, device: str, seq_len: int, micro_batch: int, steps: int,

@@ -26,10 +26,10 @@ sys.path.insert(0, str(REPO))
 from datasets import Dataset, disable_caching
 from transformers import AutoTokenizer
 
-from herd.chat import format_llama2, guanaco_to_messages
+from herd.chat_format import format_llama2, guanaco_to_messages
 from herd.data import tokenize_conversations
-from herd.sample_data import generate_guanaco_rows
-from herd.tiny import ensure_tiny_model
+from herd.fixtures.sample_data import generate_guanaco_rows
+from herd.fixtures.tiny import ensure_tiny_model
 
 
 def herd_side(rows, tokenizer) -> int:

@@ -33,10 +33,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from baseline_sft import build_baseline_trainer
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
-from herd.chat import format_llama2, guanaco_to_messages
-from herd.sample_data import generate_guanaco_rows
-from herd.tiny import MODEL_SHAPE, ensure_tiny_model
-from herd.tracking import count_parameters, device_peak_flops, flops_per_token
+from herd.chat_format import format_llama2, guanaco_to_messages
+from herd.fixtures.sample_data import generate_guanaco_rows
+from herd.fixtures.tiny import MODEL_SHAPE, ensure_tiny_model
+from herd.training.tracking.callback import count_parameters, device_peak_flops, flops_per_token
 
 SIDES = {
     "baseline": "the plain TRL + PEFT script, benchmarks/baseline_sft.py",
@@ -48,7 +48,7 @@ SIDES = {
 }
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads
-    # herd's own tiny test model (herd.tiny: its 1024-token vocabulary, built with its tokenizer)
+    # herd's own tiny test model (herd.fixtures.tiny: its 1024-token vocabulary, built with its tokenizer)
     "tiny": tuple(MODEL_SHAPE[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                            "num_attention_heads", "num_key_value_heads")),
     "small": (256, 688, 4, 4, 4),
@@ -104,7 +104,7 @@ def herd_trainer(model_dir: Path, convs, output_dir: str, args, callbacks, token
     from datasets import Dataset
     from trl import SFTTrainer
 
-    from herd.config import DataConfig, ModelConfig, PeftConfig, StrategyConfig, TrainConfig, TrainJob
+    from herd.config.train import DataConfig, ModelConfig, PeftConfig, StrategyConfig, TrainConfig, TrainJob
     from herd.data import tokenize_conversations
     from herd.modeling import add_lora, load_base_model
     from train.recipe import adapt_trainer, training_arguments

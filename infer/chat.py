@@ -4,10 +4,10 @@ Multi-turn chat in the Llama-2 format with streamed answers; /reset, /exit; read
 """
 
 from herd.cli import hydra_entry
-from herd.infer_config import register_infer_configs
+from herd.config.infer import register_infer_schema
 
 # Named, not imported: a refused config exits before torch and transformers are even imported.
-main = hydra_entry("infer", "infer.recipes.chat:run", register=register_infer_configs)
+main = hydra_entry("infer", "infer.recipes.chat:run", register=register_infer_schema)
 
 if __name__ == "__main__":
     main()

@@ -5,10 +5,10 @@ Eval loss and perplexity of base or base+adapter, exact over every sample, shard
 """
 
 from herd.cli import hydra_entry
-from herd.infer_config import register_infer_configs
+from herd.config.infer import register_infer_schema
 
 # Named, not imported: a refused config exits before torch and transformers are even imported.
-main = hydra_entry("infer", "infer.recipes.evaluate:run", register=register_infer_configs)
+main = hydra_entry("infer", "infer.recipes.evaluate:run", register=register_infer_schema)
 
 if __name__ == "__main__":
     main()

@@ -4,10 +4,10 @@ lm-evaluation-harness on base+adapter, data-parallel under `accelerate launch` (
 """
 
 from herd.cli import hydra_entry
-from herd.infer_config import register_infer_configs
+from herd.config.infer import register_infer_schema
 
 # Named, not imported: a refused config exits before torch and transformers are even imported.
-main = hydra_entry("infer", "infer.recipes.lm_eval:run", register=register_infer_configs)
+main = hydra_entry("infer", "infer.recipes.lm_eval:run", register=register_infer_schema)
 
 if __name__ == "__main__":
     main()

@@ -60,14 +60,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """herd's deterministic tiny Llama, in the repo's .herd cache (built on first use, then reused)."""
-    from herd.tiny import ensure_tiny_model
+    from herd.fixtures.tiny import ensure_tiny_model
 
     return ensure_tiny_model(REPO / ".herd" / "models" / "tiny-llama")
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_dir):
-    from herd.config import ModelConfig
+    from herd.config.train import ModelConfig
     from herd.modeling import load_tokenizer
 
     return load_tokenizer(ModelConfig(name="tiny", path=str(tiny_model_dir)), str(tiny_model_dir))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from herd.chat import (
+from herd.chat_format import (
     LLAMA2_CHAT_TEMPLATE,
     ConversationError,
     format_llama2,

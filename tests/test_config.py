@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 
 from herd.cli import check_config, sweep_dir_override, user_overrides
-from herd.config import ConfigError, register_configs
+from herd.config.train import register_train_schema
+from herd.errors import ConfigError
 from tests.conftest import REPO, run_module
 
-register_configs()
+register_train_schema()
 
 
 @pytest.mark.parametrize(

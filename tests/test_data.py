@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from herd.config import BadRows, DataConfig, DataError, DataFormat
+from herd.config.train import BadRows, DataConfig, DataFormat
 from herd.data import build_splits, load_splits, tokenize_conversations
+from herd.errors import DataError
 
 GOOD = "### Human: What is a loop? ### Assistant: A loop repeats a block of code."
 
@@ -63,7 +64,7 @@ def test_labels_cover_only_assistant_answers_and_eos(tiny_tokenizer):
 
 
 def test_max_samples_is_a_seeded_subset_and_split(tmp_path, tiny_tokenizer):
-    from herd.sample_data import generate_guanaco_rows
+    from herd.fixtures.sample_data import generate_guanaco_rows
 
     path = write_jsonl(tmp_path / "rows.jsonl", generate_guanaco_rows(60))
     first = build_splits(config(path, tmp_path, max_samples=20, eval_size=0.25), tiny_tokenizer)

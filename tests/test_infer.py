@@ -18,12 +18,12 @@ import pytest
 from omegaconf import OmegaConf
 
 from herd.cli import check_config
-from herd.config import ConfigError, HerdError
+from herd.config.infer import register_infer_schema
 from herd.dist import free_port
-from herd.infer_config import register_infer_configs
+from herd.errors import ConfigError, HerdError
 from tests.conftest import OFFLINE_ENV, REPO, run_module
 
-register_infer_configs()
+register_infer_schema()
 
 
 def compose(*overrides: str):
@@ -189,7 +189,7 @@ def test_generate_two_processes_resumes_after_a_crash_and_matches_one_process(tr
 
 
 def test_generate_defaults_to_the_runs_eval_prompts(trained_run):
-    from herd.chat import format_llama2, prompt_messages
+    from herd.chat_format import format_llama2, prompt_messages
     from herd.data import split_conversations
     from herd.inference import load_inference_tokenizer, resolve_source
     from infer.recipes import generate
@@ -224,7 +224,7 @@ with torch.no_grad():
 def test_merge_checks_saves_and_loads_with_plain_transformers(trained_run, tmp_path):
     import torch
 
-    from herd.chat import format_llama2
+    from herd.chat_format import format_llama2
     from herd.inference import load_for_inference, resolve_source
     from infer.recipes import merge
 
@@ -321,25 +321,25 @@ def test_batches_cover_every_index_once_whatever_the_world_size(count, batch_siz
 
 
 def test_resumable_parts_refuse_other_settings_and_report_missing_records(tmp_path):
-    from herd import resumable
+    from herd import jsonl_parts
 
     final = tmp_path / "out.jsonl"
-    assert resumable.begin(final, "settings-a", overwrite=False) is False
-    writer = resumable.PartWriter(final, rank=0)
+    assert jsonl_parts.begin(final, "settings-a", overwrite=False) is False
+    writer = jsonl_parts.PartWriter(final, rank=0)
     writer.write([{"id": 0, "x": 1}, {"id": 2, "x": 3}])
     writer.close()
     with pytest.raises(ConfigError, match="unfinished results made with other settings"):
-        resumable.begin(final, "settings-b", overwrite=False)
+        jsonl_parts.begin(final, "settings-b", overwrite=False)
     with pytest.raises(HerdError, match=r"1 records missing .* \(first: id 1\)"):
-        resumable.finalize(final, [0, 1, 2], {"fingerprint": "settings-a"})
+        jsonl_parts.finalize(final, [0, 1, 2], {"fingerprint": "settings-a"})
     assert not final.exists()
-    assert resumable.begin(final, "settings-a", overwrite=False) is False  # same settings: resume
-    writer = resumable.PartWriter(final, rank=1)
+    assert jsonl_parts.begin(final, "settings-a", overwrite=False) is False  # same settings: resume
+    writer = jsonl_parts.PartWriter(final, rank=1)
     writer.write([{"id": 1, "x": 2}, {"id": 0, "x": 1}])  # id 0 again: kept once
     writer.close()
-    assert resumable.finalize(final, [0, 1, 2], {"fingerprint": "settings-a"}) == 3
+    assert jsonl_parts.finalize(final, [0, 1, 2], {"fingerprint": "settings-a"}) == 3
     assert [r["id"] for r in read_jsonl(final)] == [0, 1, 2]
-    assert resumable.begin(final, "settings-a", overwrite=False) is True  # complete: nothing to do
+    assert jsonl_parts.begin(final, "settings-a", overwrite=False) is True  # complete: nothing to do
 
 
 def test_a_sweep_never_overwrites_an_earlier_jobs_output(trained_run, tmp_path):

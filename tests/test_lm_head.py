@@ -11,11 +11,11 @@ from trl import SFTConfig, SFTTrainer
 from trl.kernels import ChunkedLogProbFunction
 
 from herd import lm_head
-from herd.config import ModelConfig, PeftConfig, Quant
+from herd.config.train import ModelConfig, PeftConfig, Quant
 from herd.data import tokenize_conversations
+from herd.fixtures.sample_data import generate_conversations
 from herd.inference import token_loss_sum
 from herd.modeling import add_lora, load_base_model
-from herd.sample_data import generate_conversations
 from tests.conftest import FAST_TRAIN, run_module
 
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from herd.config import ModelConfig, PeftConfig, Quant
+from herd.config.train import ModelConfig, PeftConfig, Quant
 from herd.data import tokenize_conversations
+from herd.fixtures.sample_data import generate_conversations
 from herd.modeling import add_lora, load_base_model
 from herd.packing import PackedRowsCollator, keeps_bins_in_rows
-from herd.sample_data import generate_conversations
 from tests.conftest import FAST_TRAIN, run_module
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from herd.plan import (
+from herd.memory import (
     GB,
     KNOWN_SHAPES,
     ModelShape,
@@ -237,17 +237,17 @@ def test_readme_table_is_generated():
     readme = ROOT / "README.md"
     start, end = "<!-- memory-table:start -->", "<!-- memory-table:end -->"
     table = readme.read_text().split(start, 1)[1].split(end, 1)[0]
-    assert table.strip() == markdown_table().strip(), "regenerate with: python -m herd.plan --table"
+    assert table.strip() == markdown_table().strip(), "regenerate with: python -m herd.memory --table"
 
 
 def test_cli_prints_a_plan_and_the_table_without_torch():
     code = (
         "import sys, runpy; sys.argv = ['plan', '--model', 'llama2-7b', '--seq-len', '2048', '--micro-batch', '4',"
-        " '--device-gb', '24']; runpy.run_module('herd.plan', run_name='__main__'); assert 'torch' not in sys.modules"
+        " '--device-gb', '24']; runpy.run_module('herd.memory', run_name='__main__'); assert 'torch' not in sys.modules"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "Llama-2-7B" in out and "total per GPU" in out and "fits on a 24.0 GB device" in out
     table = subprocess.run(
-        [sys.executable, "-m", "herd.plan", "--table"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "herd.memory", "--table"], capture_output=True, text=True, check=True
     ).stdout
     assert table == markdown_table()

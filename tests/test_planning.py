@@ -5,8 +5,7 @@ import json
 
 import pytest
 
-from herd.config import (
-    ConfigError,
+from herd.config.train import (
     DataConfig,
     ModelConfig,
     PeftConfig,
@@ -15,8 +14,9 @@ from herd.config import (
     TrainConfig,
     TrainJob,
 )
-from herd.plan import GB
-from herd.planning import check_fits, plan_job
+from herd.errors import ConfigError
+from herd.memory import GB
+from herd.training.plan import check_fits, plan_job
 from tests.conftest import run_module
 
 

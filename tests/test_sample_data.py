@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from herd.chat import format_llama2, guanaco_to_messages, llama2_to_messages
-from herd.sample_data import (
+from herd.chat_format import format_llama2, guanaco_to_messages, llama2_to_messages
+from herd.fixtures.sample_data import (
     MAX_WORDS,
     MIN_WORDS,
     generate_conversations,
@@ -60,7 +60,7 @@ def test_llama2_rows_are_the_same_conversations():
 
 
 def test_bundled_files_match_the_generator():
-    # Regenerate with: python -m herd.sample_data data/sample/guanaco_sample.jsonl (see the module docstring)
+    # Regenerate with: python -m herd.fixtures.sample_data data/sample/guanaco_sample.jsonl (see the module docstring)
     assert read_jsonl(SAMPLE_DIR / "guanaco_sample.jsonl") == generate_guanaco_rows(400, seed=0)
     assert read_jsonl(SAMPLE_DIR / "llama2_sample.jsonl") == generate_llama2_rows(200, seed=0)
 

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import pytest
 
 from herd import slurm
-from herd.config import ConfigError
+from herd.errors import ConfigError
 from tests.conftest import FAST_TRAIN, OFFLINE_ENV, REPO
 
 TEMPLATES = sorted((REPO / "slurm").glob("*.sbatch"))
@@ -159,7 +159,7 @@ def test_time_limits_in_slurm_formats(limit, seconds):
 
 
 def test_preemption_callback_saves_and_stops_at_the_next_step(monkeypatch):
-    from herd.preempt import PREEMPTED_EXIT, Preemption
+    from herd.training.preempt import PREEMPTED_EXIT, Preemption
 
     previous = signal.getsignal(signal.SIGUSR1)
     try:

@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from herd.config import ConfigError, ModelConfig, PeftConfig, Quant, Strategy, StrategyConfig, TrainJob
+from herd.config.train import ModelConfig, PeftConfig, Quant, Strategy, StrategyConfig, TrainJob
 from herd.dist import close_process_group, free_port
-from herd.strategy import check_compatibility, trainer_kwargs
+from herd.errors import ConfigError
+from herd.training.strategy import check_compatibility, trainer_kwargs
 from tests.conftest import FAST_TRAIN, OFFLINE_ENV, REPO, run_module
 
 RESUME = [*FAST_TRAIN, "train.global_batch_size=4", "train.micro_batch_size=2", "train.max_steps=4",

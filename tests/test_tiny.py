@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from herd import tiny
-from herd.chat import format_llama2
-from herd.sample_data import generate_guanaco_rows, generate_llama2_rows
+from herd.chat_format import format_llama2
+from herd.fixtures import tiny
+from herd.fixtures.sample_data import generate_guanaco_rows, generate_llama2_rows
 
 # Before anything imports huggingface_hub: the build and every load must work without the hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -21,13 +21,14 @@ import pytest
 import torch
 from transformers import TrainerControl, TrainerState
 
-from herd import tracking
 from herd.cli import check_config
-from herd.config import ConfigError, TrackingBackend, TrackingConfig, register_configs
-from herd.tracking import HerdTracker, read_wandb_records, read_wandb_run
+from herd.config.train import TrackingBackend, TrackingConfig, register_train_schema
+from herd.errors import ConfigError
+from herd.training.tracking import callback as tracking
+from herd.training.tracking.callback import HerdTracker, read_wandb_records, read_wandb_run
 from tests.conftest import FAST_TRAIN, OFFLINE_ENV, REPO
 
-register_configs()
+register_train_schema()
 
 FAKE_WANDB_KEY = "f" * 8 + "SECRETWANDBKEY0123456789abcdefabcdef"  # 44 chars, like no real key
 FAKE_HF_TOKEN = "hf_SECRETHFTOKEN0123456789abcdefABCDEF"
@@ -95,7 +96,7 @@ def test_peak_flops_env_overrides_the_table(monkeypatch):
 def test_count_parameters_counts_4bit_weights_at_full_size(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from herd.config import ModelConfig, PeftConfig
+    from herd.config.train import ModelConfig, PeftConfig
     from herd.modeling import add_lora, load_base_model
 
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

@@ -70,7 +70,7 @@ def aligned_tiny_model(tmp_path_factory, tiny_model_dir):
 
 
 def gradients_after_second_step(model_dir, evaluate_between: bool) -> dict[str, torch.Tensor]:
-    from herd.config import ModelConfig, PeftConfig
+    from herd.config.train import ModelConfig, PeftConfig
     from herd.modeling import add_lora, load_base_model
 
     peft_cfg = PeftConfig()
@@ -95,7 +95,7 @@ def test_evaluation_between_steps_leaves_gradients_unchanged(aligned_tiny_model)
     weights and later gradients go silently wrong. herd turns the repack off at load time."""
     import bitsandbytes as bnb
 
-    from herd.config import ModelConfig, PeftConfig
+    from herd.config.train import ModelConfig, PeftConfig
     from herd.modeling import load_base_model
 
     model = load_base_model(ModelConfig(name="t", path=str(aligned_tiny_model)), PeftConfig(), "cpu",

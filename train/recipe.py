@@ -16,11 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from herd import lm_head, packing, rundir, strategy
-from herd.checkpoints import CompleteMarker, DebugFaults, discard_checkpoints, finished_run, resume_point
-from herd.config import Strategy, TrainJob, gradient_accumulation
+from herd import lm_head, packing, rundir
+from herd.config.train import Strategy, TrainJob, gradient_accumulation
 from herd.data import load_splits
-from herd.manifest import MANIFEST, build_manifest
 from herd.modeling import (
     add_lora,
     load_base_model,
@@ -30,9 +28,13 @@ from herd.modeling import (
     resolve_precision,
 )
 from herd.paths import share_per_umask
-from herd.planning import check_fits, device_memory_bytes, launch_commands, plan_job
-from herd.preempt import Preemption
-from herd.tracking import HerdTracker
+from herd.training import strategy
+from herd.training.checkpoints import CompleteMarker, discard_checkpoints, finished_run, resume_point
+from herd.training.faults import DebugFaults
+from herd.training.manifest import MANIFEST, build_manifest
+from herd.training.plan import check_fits, device_memory_bytes, launch_commands, plan_job
+from herd.training.preempt import Preemption
+from herd.training.tracking.callback import HerdTracker
 
 log = logging.getLogger("herd.train")
 

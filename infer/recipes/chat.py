@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from omegaconf import DictConfig, OmegaConf
 from transformers import TextStreamer
 
-from herd.chat import format_llama2
-from herd.config import ConfigError
-from herd.infer_config import InferJob
+from herd.chat_format import format_llama2
+from herd.config.infer import InferJob
+from herd.errors import ConfigError
 from herd.inference import generate, load_for_inference, resolve_source, start_processes
 
 

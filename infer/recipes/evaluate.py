@@ -13,12 +13,11 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from herd import rundir
-from herd.config import ConfigError, DataError
+from herd.config.infer import InferJob, Split
 from herd.data import load_splits
-from herd.infer_config import InferJob, Split
+from herd.dist import all_gather_objects, all_reduce_sum
+from herd.errors import ConfigError, DataError
 from herd.inference import (
-    all_gather,
-    all_reduce_sum,
     load_for_inference,
     load_inference_tokenizer,
     output_path,
@@ -59,7 +58,7 @@ def run(cfg: DictConfig) -> dict:
         tokens += batch_tokens
         scored += len(batch)
     seconds = time.perf_counter() - started
-    per_rank = all_gather(scored)
+    per_rank = all_gather_objects(scored)
     loss_sum, tokens, seconds = all_reduce_sum([loss_sum, tokens, seconds], device)
     if tokens == 0:
         raise DataError(f"no labelled tokens in the {split.value} split of {source.data_cfg.name}")

@@ -13,15 +13,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from herd import resumable
-from herd.chat import format_llama2, prompt_messages
-from herd.config import ConfigError, DataError
+from herd import jsonl_parts
+from herd.chat_format import format_llama2, prompt_messages
+from herd.config.infer import InferJob, Split
 from herd.data import split_conversations
-from herd.infer_config import InferJob, Split
+from herd.dist import all_gather_objects, all_reduce_sum
+from herd.errors import ConfigError, DataError
 from herd.inference import (
     Source,
-    all_gather,
-    all_reduce_sum,
     fingerprint,
     generate,
     load_for_inference,
@@ -82,14 +81,14 @@ def run(cfg: DictConfig) -> Path:
     }
     key = fingerprint(settings)
 
-    complete = resumable.begin(final, key, g.overwrite) if state.is_main_process else None
-    if all_gather(complete)[0]:
+    complete = jsonl_parts.begin(final, key, g.overwrite) if state.is_main_process else None
+    if all_gather_objects(complete)[0]:
         if state.is_main_process:
             print(f"generate: {final} is already complete for these settings", flush=True)
         return final
-    writer = resumable.PartWriter(final, state.process_index)
+    writer = jsonl_parts.PartWriter(final, state.process_index)
     state.wait_for_everyone()  # every torn tail is cut before anyone reads the parts
-    done = resumable.read_done(final)
+    done = jsonl_parts.read_done(final)
 
     model, tokenizer = load_for_inference(source, job, device, tokenizer)
     started = time.perf_counter()
@@ -98,7 +97,7 @@ def run(cfg: DictConfig) -> Path:
     crash_after = int(os.environ.get("HERD_DEBUG_EXIT_AFTER_BATCHES", "0")) or float("inf")
     for number, batch in rank_batches(plan_batches(lengths, g.batch_size), state.process_index,
                                       state.num_processes):
-        todo = [i for i in batch if resumable.record_key(ids[i]) not in done]
+        todo = [i for i in batch if jsonl_parts.record_key(ids[i]) not in done]
         if not todo:
             continue
         # The whole batch is regenerated even when part of it is done: same padding, same outputs.
@@ -120,11 +119,11 @@ def run(cfg: DictConfig) -> Path:
     writer.close()
     elapsed = time.perf_counter() - started
     new_tokens, written = all_reduce_sum([new_tokens, written], device)
-    elapsed_max = max(all_gather(elapsed))  # the slowest rank is the run's wall time
+    elapsed_max = max(all_gather_objects(elapsed))  # the slowest rank is the run's wall time
     state.wait_for_everyone()
     if state.is_main_process:
         rate = new_tokens / elapsed_max if elapsed_max > 0 else 0.0
-        count = resumable.finalize(final, ids, {
+        count = jsonl_parts.finalize(final, ids, {
             "fingerprint": key, "settings": settings, "records": len(ids), "generated_this_run": int(written),
             "completion_tokens_this_run": int(new_tokens), "seconds": elapsed_max, "tokens_per_s": rate,
             "world_size": state.num_processes,

@@ -15,9 +15,10 @@ from accelerate import Accelerator
 from omegaconf import DictConfig, OmegaConf
 
 from herd import rundir
-from herd.config import ConfigError
-from herd.infer_config import InferJob
-from herd.inference import all_gather, load_for_inference, output_path, resolve_source, start_processes
+from herd.config.infer import InferJob
+from herd.dist import all_gather_objects
+from herd.errors import ConfigError
+from herd.inference import load_for_inference, output_path, resolve_source, start_processes
 from herd.paths import resolve_path
 
 
@@ -80,7 +81,7 @@ def run(cfg: DictConfig) -> dict | None:
         model=lm, tasks=list(le.tasks), num_fewshot=le.num_fewshot, limit=le.limit, task_manager=task_manager,
         apply_chat_template=le.apply_chat_template, log_samples=False,
     )
-    requests_per_rank = all_gather(lm.requests_run)
+    requests_per_rank = all_gather_objects(lm.requests_run)
     if not state.is_main_process:
         return None
     results["herd"] = {**source.describe(), "world_size": state.num_processes,

@@ -21,9 +21,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM
 
-from herd.chat import format_llama2
-from herd.config import ConfigError, HerdError, Quant
-from herd.infer_config import InferJob
+from herd.chat_format import format_llama2
+from herd.config.infer import InferJob
+from herd.config.train import Quant
+from herd.errors import ConfigError, HerdError
 from herd.inference import load_for_inference, output_path, resolve_source, start_processes
 from herd.modeling import resolve_precision
 from herd.paths import share_per_umask

@@ -27,8 +27,9 @@ from omegaconf.errors import (
     OmegaConfBaseException,
 )
 
-from herd.config import ConfigError, HerdError, register_configs
+from herd.config.train import register_train_schema
 from herd.dist import close_process_group, ensure_run_id
+from herd.errors import ConfigError, HerdError
 from herd.paths import REPO_ROOT
 
 CONF_DIR = REPO_ROOT / "conf"
@@ -157,7 +158,7 @@ def check_config(config_name: str, overrides: list[str]) -> DictConfig:
 
 
 def hydra_entry(
-    config_name: str, task_path: str, register: Callable[[], None] = register_configs,
+    config_name: str, task_path: str, register: Callable[[], None] = register_train_schema,
     sweep_dir_key: str | None = None,
 ) -> Callable[[], None]:
     """A `main()` for `python -m <entry>`: validate, then run `task_path` ("module:function") under

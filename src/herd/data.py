@@ -19,14 +19,16 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset, load_dataset, load_from_disk
 
-from herd.chat import (
+from herd.chat_format import (
     ConversationError,
     format_llama2,
     guanaco_to_messages,
     llama2_to_messages,
     validate_messages,
+    with_system_prompt,
 )
-from herd.config import BadRows, DataConfig, DataError, DataFormat
+from herd.config.train import BadRows, DataConfig, DataFormat
+from herd.errors import DataError
 from herd.paths import resolve_path
 
 log = logging.getLogger(__name__)
@@ -109,9 +111,7 @@ def row_to_messages(row: dict, data_cfg: DataConfig) -> list[dict]:
             raise ConversationError("malformed", f"'{data_cfg.field}' is not a list of messages")
         messages = [{"role": m.get("role"), "content": m.get("content")} for m in value]
         validate_messages(messages)
-    if data_cfg.system_prompt and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": data_cfg.system_prompt}, *messages]
-    return messages
+    return with_system_prompt(messages, data_cfg.system_prompt)
 
 
 # ---------------------------------------------------------------- tokenizing

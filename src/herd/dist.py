@@ -1,4 +1,5 @@
-"""Rank helpers, the one run id every rank and node of a launch agrees on, and closing the process group."""
+"""Ranks and processes: the one run id every rank and node of a launch agrees on, the SLURM job, the
+collectives herd runs itself, and closing the process group. torch is imported only where a collective runs."""
 
 from __future__ import annotations
 
@@ -6,7 +7,26 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SlurmJob:
+    tag: str  # <job id>, or <array job id>_<task id> for a task of a job array
+    array_job: str | None  # the array job id, shared by every task of one sweep
+
+
+def slurm_job(env: Mapping[str, str] | None = None) -> SlurmJob | None:
+    """The SLURM job this process runs in, as herd names it everywhere (run ids, W&B names and groups)."""
+    env = os.environ if env is None else env
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return SlurmJob(f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}", env["SLURM_ARRAY_JOB_ID"])
+    if env.get("SLURM_JOB_ID"):
+        return SlurmJob(env["SLURM_JOB_ID"], None)
+    return None
 
 
 def _launcher_start_time() -> float | None:
@@ -18,14 +38,13 @@ def _launcher_start_time() -> float | None:
         return None
 
 
-def launch_run_id(env: dict[str, str] | None = None) -> str:
+def launch_run_id(env: Mapping[str, str] | None = None) -> str:
     """SLURM job (array task) id when under SLURM; else the launcher's start time when launched with
     several ranks; else now. Multi-node launches outside SLURM should pass output_dir explicitly."""
     env = os.environ if env is None else env
-    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
-        return f"slurm-{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-    if env.get("SLURM_JOB_ID"):
-        return f"slurm-{env['SLURM_JOB_ID']}"
+    job = slurm_job(env)
+    if job is not None:
+        return f"slurm-{job.tag}"
     started = _launcher_start_time() if "LOCAL_RANK" in env else None
     return datetime.fromtimestamp(started or time.time()).strftime("%Y%m%d-%H%M%S")
 
@@ -51,6 +70,36 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _group_is_up():
+    """torch.distributed when a process group is running, else None (without importing torch)."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        return distributed
+    return None
+
+
+def all_gather_objects(value: Any) -> list[Any]:
+    """`value` from every rank, in rank order; [value] without a process group. Collective."""
+    distributed = _group_is_up()
+    if distributed is None:
+        return [value]
+    gathered: list[Any] = [None] * distributed.get_world_size()
+    distributed.all_gather_object(gathered, value)
+    return gathered
+
+
+def all_reduce_sum(values: list[float], device: str) -> list[float]:
+    """Element-wise sum over ranks (float64); the values themselves without a process group. Collective."""
+    distributed = _group_is_up()
+    if distributed is None:
+        return list(values)
+    import torch
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
 def close_process_group() -> None:
     """Wait for every rank, then destroy the default process group, once this rank's work succeeded.
 
@@ -64,7 +113,7 @@ def close_process_group() -> None:
     GIL they need) and ends all ranks together. Only after success: a rank that failed must not wait for
     the others (the launcher stops them). torch is not imported here for a run that never started it.
     """
-    distributed = sys.modules.get("torch.distributed")
-    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+    distributed = _group_is_up()
+    if distributed is not None:
         distributed.barrier()
         distributed.destroy_process_group()

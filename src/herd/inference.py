@@ -20,8 +20,9 @@ import torch
 from omegaconf import OmegaConf
 
 from herd import rundir
-from herd.config import ConfigError, DataConfig, DataError, ModelConfig, PeftConfig, Quant
-from herd.infer_config import InferJob, SamplingConfig
+from herd.config.infer import InferJob, SamplingConfig
+from herd.config.train import DataConfig, ModelConfig, PeftConfig, Quant
+from herd.errors import ConfigError, DataError
 from herd.lm_head import labelled_loss_sum
 from herd.modeling import (
     load_adapter,
@@ -124,7 +125,7 @@ def start_processes(device: str):
     """
     from accelerate import PartialState
 
-    from herd.strategy import prepare_launch
+    from herd.training.strategy import prepare_launch
 
     device = resolve_device(device)
     prepare_launch(device)  # ACCELERATE_USE_CPU too, for the Accelerator that lm-eval builds
@@ -166,23 +167,6 @@ def plan_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
 def rank_batches(batches: list[list[int]], rank: int, world_size: int) -> list[tuple[int, list[int]]]:
     """(batch number, indices) of the batches this rank runs: every world_size-th, starting at rank."""
     return [(number, batch) for number, batch in enumerate(batches) if number % world_size == rank]
-
-
-def all_reduce_sum(values: list[float], device: str) -> list[float]:
-    """Element-wise sum over ranks (float64); the values themselves in a single process."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def all_gather(value: Any) -> list[Any]:
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [value]
-    gathered: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, value)
-    return gathered
 
 
 # ---------------------------------------------------------------- scoring
@@ -248,7 +232,7 @@ def generate(model, tokenizer, prompts: list[str], sampling: SamplingConfig, see
 def read_prompts(path: Path, system_prompt: str | None) -> list[tuple[str, list[dict]]]:
     """(id, messages) per line of a prompts JSONL. A line is a JSON string (one user turn), a message
     list, or an object with "prompt" (string) or "messages" (list) and an optional "id"."""
-    from herd.chat import ConversationError, prompt_messages, validate_messages
+    from herd.chat_format import ConversationError, prompt_messages, validate_messages, with_system_prompt
 
     prompts, seen = [], set()
     for number, line in enumerate(path.read_text().splitlines(), start=1):
@@ -278,8 +262,7 @@ def read_prompts(path: Path, system_prompt: str | None) -> list[tuple[str, list[
         if json.dumps(prompt_id) in seen:
             raise DataError(f"{path}:{number}: duplicate id {prompt_id!r}")
         seen.add(json.dumps(prompt_id))
-        if system_prompt and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": system_prompt}, *messages]
+        messages = with_system_prompt(messages, system_prompt)
         prompts.append((prompt_id, messages))
     if not prompts:
         raise DataError(f"{path} holds no prompts")

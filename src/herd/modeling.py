@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
-from herd.chat import LLAMA2_CHAT_TEMPLATE
-from herd.config import ConfigError, ModelConfig, PeftConfig, Precision, Quant
+from herd.chat_format import LLAMA2_CHAT_TEMPLATE
+from herd.config.train import ModelConfig, PeftConfig, Precision, Quant
+from herd.errors import ConfigError
 from herd.paths import resolve_path
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def resolve_precision(precision: Precision, device: str) -> torch.dtype:
 def model_location(model_cfg: ModelConfig) -> str:
     """A local directory for the model, or the hub id as given; builds the tiny model on first use."""
     if model_cfg.build_tiny:
-        from herd.tiny import ensure_tiny_model
+        from herd.fixtures.tiny import ensure_tiny_model
 
         return str(ensure_tiny_model(resolve_path(model_cfg.path, must_exist=False)))
     local = resolve_path(model_cfg.path, must_exist=False)

@@ -1,4 +1,5 @@
-"""Where things are: relative paths in configs resolve against the working directory, then the repo."""
+"""Where things are, and the one way herd writes a file: relative paths in configs resolve against the working
+directory, then the repo; every file a reader may look at is written atomically and durably."""
 
 from __future__ import annotations
 
@@ -32,3 +33,22 @@ def share_per_umask(directory: str | Path) -> None:
     directory = Path(directory)
     for item in [directory, *directory.iterdir()]:
         os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)
+
+
+def atomic_write(path: str | Path, content: str | bytes) -> None:
+    """Write `content` to `path` so that a reader (or a re-run after a kill or a power cut) sees the old file
+    or the whole new one, never a part: a temporary file beside it, flushed and fsynced, renamed over `path`,
+    then the directory fsynced so that the rename itself is durable."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(partial, "wb") as handle:
+        handle.write(content.encode() if isinstance(content, str) else content)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

@@ -3,47 +3,24 @@
 from __future__ import annotations
 
 import json
-import os
-import re
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from herd.config import ConfigError
+from herd.errors import ConfigError
+from herd.paths import atomic_write
+from herd.redaction import redact
 
 ADAPTER_DIR = "adapter"  # final LoRA adapter + tokenizer: loadable with plain PeftModel / AutoTokenizer
 RUN_INFO = "herd_run.json"  # base model location and settings infer needs to rebuild the model
 METRICS = "metrics.json"
-
-_SECRET_KEY = re.compile(r"(token|secret|password|api_key|apikey|credential)", re.IGNORECASE)
-SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
-REDACTED = "<redacted>"
-
-
-def redact(value: Any) -> Any:
-    """A copy of a config container with secret-looking keys and any secret env value blanked out."""
-    secrets = [os.environ[name] for name in SECRET_ENV if os.environ.get(name)]
-    if isinstance(value, dict):
-        return {k: REDACTED if _SECRET_KEY.search(str(k)) and v else redact(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    if isinstance(value, str):
-        for secret in secrets:
-            value = value.replace(secret, REDACTED)
-    return value
-
 
 def resolved_config(cfg: DictConfig) -> dict:
     return redact(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
 
 
 def write_json(path: Path, payload: dict) -> None:
-    """Write atomically: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    partial.replace(path)
+    atomic_write(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
 def _sweep_job():
@@ -80,10 +57,7 @@ def claim_sweep_output(path: Path, key: str) -> None:
 
 
 def write_config(run_dir: Path, cfg: DictConfig) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    partial = run_dir / "config.yaml.partial"
-    partial.write_text(OmegaConf.to_yaml(OmegaConf.create(resolved_config(cfg))))
-    partial.replace(run_dir / "config.yaml")
+    atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved_config(cfg))))
 
 
 def read_run_info(run_dir: str | Path) -> dict:

@@ -13,17 +13,7 @@ from enum import Enum
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-
-class HerdError(ValueError):
-    """An error the user can fix; its message is the one line they see (no traceback)."""
-
-
-class ConfigError(HerdError):
-    """A config that composes but cannot run."""
-
-
-class DataError(HerdError):
-    """Data that cannot be used as configured (bad rows under bad_rows=error, an empty split, ...)."""
+from herd.errors import ConfigError
 
 
 class Quant(str, Enum):
@@ -192,7 +182,7 @@ def gradient_accumulation(global_batch_size: int, micro_batch_size: int, process
     return global_batch_size // per_step
 
 
-def register_configs() -> None:
+def register_train_schema() -> None:
     """Make the schemas available to conf/*.yaml defaults lists; call before Hydra composes."""
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainJob)

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from herd import dist
-from herd.config import ConfigError, Quant, Strategy, TrainJob
+from herd.config.train import Quant, Strategy, TrainJob
+from herd.errors import ConfigError
 
 SHARDED = (Strategy.fsdp, Strategy.zero3, Strategy.zero3_offload)
 DEEPSPEED = (Strategy.zero2, Strategy.zero3, Strategy.zero3_offload)

@@ -19,7 +19,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from herd.config import ConfigError, HerdError
+from herd.errors import ConfigError, HerdError
+from herd.paths import atomic_write
 
 
 def record_key(record_id: Any) -> str:
@@ -32,20 +33,6 @@ def parts_dir(final: Path) -> Path:
 
 def summary_path(final: Path) -> Path:
     return final.with_name(final.stem + ".summary.json")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(partial, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself survives a power cut
-    finally:
-        os.close(directory)
 
 
 def begin(final: Path, fingerprint: str, overwrite: bool) -> bool:
@@ -75,7 +62,7 @@ def begin(final: Path, fingerprint: str, overwrite: bool) -> bool:
         final.unlink(missing_ok=True)
         summary_path(final).unlink(missing_ok=True)
     parts.mkdir(parents=True, exist_ok=True)
-    _write_atomic(settings, json.dumps({"fingerprint": fingerprint}) + "\n")
+    atomic_write(settings, json.dumps({"fingerprint": fingerprint}) + "\n")
     return False
 
 
@@ -132,7 +119,7 @@ def finalize(final: Path, ids_in_order: list[Any], summary: dict) -> int:
         raise HerdError(f"{len(missing)} records missing from {parts_dir(final)} (first: id {missing[0]!r}); "
                         "rerun to complete them")
     lines = [json.dumps(done[record_key(i)], ensure_ascii=False) + "\n" for i in ids_in_order]
-    _write_atomic(summary_path(final), json.dumps(summary, indent=2, default=str) + "\n")
-    _write_atomic(final, "".join(lines))
+    atomic_write(summary_path(final), json.dumps(summary, indent=2, default=str) + "\n")
+    atomic_write(final, "".join(lines))
     shutil.rmtree(parts_dir(final), ignore_errors=True)
     return len(lines)

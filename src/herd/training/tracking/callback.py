@@ -12,7 +12,7 @@
 Call `finish(adapter_dir)` after the final evaluation and save: it logs the adapter artifact, closes the
 run and, for offline runs with `sync_at_end`, uploads them.
 
-Secrets: the config goes through herd.rundir.redact, and W&B's own collection of argv, environment
+Secrets: the config goes through herd.redaction.redact, and W&B's own collection of argv, environment
 metadata, code, git state, requirements and console output is switched off (`wandb_settings`), because
 any of those can carry a token into `run-<id>.wandb`.
 
@@ -21,6 +21,7 @@ any of those can carry a token into `run-<id>.wandb`.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -40,8 +41,10 @@ from urllib.parse import urlsplit
 
 from transformers import TrainerCallback
 
-from herd import rundir
-from herd.config import TrackingBackend, TrackingConfig
+from herd import dist, rundir
+from herd.config.train import TrackingBackend, TrackingConfig
+from herd.paths import atomic_write
+from herd.redaction import redact
 
 RUN_ID_FILE = "wandb_run_id"  # the W&B run id, written before wandb.init so a requeued job finds it
 RUN_NAMES_FILE = "wandb_run.json"  # id, name, group: what log_table (infer) reuses to resume the same run
@@ -77,14 +80,11 @@ def experiment_name() -> str | None:
 def run_names(tracking: TrackingConfig, base: str, run_dir: Path, env: dict | None = None) -> tuple[str, str]:
     """(name, group). Name: <base>-<SLURM job id> (<array job>_<task> for arrays), or the run directory's
     name off SLURM. Group: <base>, or <base>-<array job id> so that one sweep's tasks group together."""
-    env = os.environ if env is None else env
-    array_job, array_task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
-    if array_job and array_task:
-        name, group = f"{base}-{array_job}_{array_task}", f"{base}-{array_job}"
-    elif env.get("SLURM_JOB_ID"):
-        name, group = f"{base}-{env['SLURM_JOB_ID']}", base
-    else:
+    job = dist.slurm_job(env)
+    if job is None:
         name, group = run_dir.name, base
+    else:
+        name, group = f"{base}-{job.tag}", (f"{base}-{job.array_job}" if job.array_job else base)
     return tracking.name or name, tracking.group or group
 
 
@@ -179,10 +179,7 @@ def _run_id(run_dir: Path) -> str:
         return existing
     alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
     run_id = "".join(secrets.choice(alphabet) for _ in range(8))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    partial = run_dir / (RUN_ID_FILE + ".partial")
-    partial.write_text(run_id + "\n")
-    partial.replace(run_dir / RUN_ID_FILE)
+    atomic_write(run_dir / RUN_ID_FILE, run_id + "\n")
     return run_id
 
 
@@ -191,7 +188,7 @@ def _config_dict(config: Any) -> dict:
 
     if isinstance(config, DictConfig):
         return rundir.resolved_config(config)
-    return rundir.redact(dict(config or {}))
+    return redact(dict(config or {}))
 
 
 def _wait_for_a_fresh_second(directory: Path, run_id: str) -> None:
@@ -213,11 +210,11 @@ def init_wandb(tracking: TrackingConfig, run_dir: Path, mode: str, name: str, gr
     directory = wandb_dir(run_dir)
     directory.mkdir(parents=True, exist_ok=True)
     _wait_for_a_fresh_second(directory, run_id)
-    name, group = rundir.redact(name), rundir.redact(group)
+    name, group = redact(name), redact(group)
     rundir.write_json(run_dir / RUN_NAMES_FILE, {"id": run_id, "name": name, "group": group})
     return wandb.init(
         project=tracking.project, entity=tracking.entity, name=name, group=group,
-        tags=rundir.redact(list(tracking.tags)) or None, id=run_id, resume="allow", mode=mode,
+        tags=redact(list(tracking.tags)) or None, id=run_id, resume="allow", mode=mode,
         dir=str(directory), config=config, job_type=job_type, settings=wandb.Settings(**wandb_settings()),
     )
 
@@ -329,14 +326,7 @@ def peak_memory_bytes() -> int:
 def _gather_peak_memory() -> list[int]:
     """Every rank's peak memory. Collective: call on all ranks at the same point (Trainer's on_log for a
     training log is: the Trainer itself gathers the loss there)."""
-    import torch.distributed as dist
-
-    mine = peak_memory_bytes()
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [mine]
-    everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    return [int(x) for x in everyone]
+    return [int(x) for x in dist.all_gather_objects(peak_memory_bytes())]
 
 
 # ---- the callback -----------------------------------------------------------------------------------------
@@ -402,7 +392,7 @@ class HerdTracker(TrainerCallback):
         derived["peak_flops_per_device"] = self.peak_flops
         config["derived"] = derived
         if self.manifest:
-            config["manifest"] = rundir.redact(dict(self.manifest))
+            config["manifest"] = redact(dict(self.manifest))
 
         self.mode, reason = choose_mode(self.tracking)
         if self.mode is None:
@@ -422,7 +412,7 @@ class HerdTracker(TrainerCallback):
         """Record the run manifest in the W&B config (under "manifest"), before or after the run started."""
         self.manifest = manifest
         if self.run is not None:
-            self.run.config.update({"manifest": rundir.redact(dict(manifest))}, allow_val_change=True)
+            self.run.config.update({"manifest": redact(dict(manifest))}, allow_val_change=True)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._start(args, state, model)
@@ -516,7 +506,7 @@ class HerdTracker(TrainerCallback):
             import wandb
 
             artifact = wandb.Artifact(f"adapter-{self.run.id}", type="model",
-                                      metadata=rundir.redact(_config_dict(self.config).get("peft", {})))
+                                      metadata=redact(_config_dict(self.config).get("peft", {})))
             artifact.add_dir(str(adapter_dir))
             self.run.log_artifact(artifact, aliases=["latest"])
         run_id = self.run.id
@@ -567,10 +557,10 @@ def plot_losses(run_dir: str | Path) -> Path | None:
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
+    image = io.BytesIO()
+    figure.savefig(image, format="png")
     path = run_dir / LOSS_PLOT
-    partial = run_dir / (LOSS_PLOT + ".partial")
-    figure.savefig(partial, format="png")
-    partial.replace(path)
+    atomic_write(path, image.getvalue())
     return path
 
 
@@ -595,7 +585,7 @@ def log_table(run_dir: str | Path, name: str, rows: list[dict], tracking: Tracki
     run_dir = Path(run_dir)
     path = run_dir / TABLES_DIR / f"{name}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(rundir.redact(row), default=str) + "\n" for row in rows))
+    path.write_text("".join(json.dumps(redact(row), default=str) + "\n" for row in rows))
     tracking = tracking or _tracking_of_run(run_dir)
     mode, _ = choose_mode(tracking)
     if mode is None or not rows:
@@ -604,7 +594,7 @@ def log_table(run_dir: str | Path, name: str, rows: list[dict], tracking: Tracki
 
     columns = list(dict.fromkeys(key for row in rows for key in row))
     table = wandb.Table(columns=columns,
-                        data=[[rundir.redact(row.get(c)) for c in columns] for row in rows])
+                        data=[[redact(row.get(c)) for c in columns] for row in rows])
     names_file = run_dir / RUN_NAMES_FILE
     names = json.loads(names_file.read_text()) if names_file.exists() else {}
     name_, group = run_names(tracking, experiment_name() or run_dir.name, run_dir)

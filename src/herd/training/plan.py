@@ -1,6 +1,6 @@
 """The memory plan of a training job: run before every launch, printed with `plan=true`.
 
-Bridges the typed TrainJob to herd.plan (pure arithmetic on the model's config.json; no weights load)."""
+Bridges the typed TrainJob to herd.memory (pure arithmetic on the model's config.json; no weights load)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import shlex
 import sys
 from dataclasses import replace
 
-from herd.config import ConfigError, Quant, Strategy, TrainJob
-from herd.plan import GB, MemoryPlan, ModelShape, Settings, estimate_settings, load_model_shape, suggest
+from herd.config.train import Quant, Strategy, TrainJob
+from herd.errors import ConfigError
+from herd.memory import GB, MemoryPlan, ModelShape, Settings, estimate_settings, load_model_shape, suggest
 
 # train.gradient_checkpointing=null turns it off only when the plan without it leaves this share of the
 # device free: the plan was within -3%..+17% of measured peaks (benchmarks/results/gpu_h100_memory_calibration.json)

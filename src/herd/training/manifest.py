@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from herd.paths import REPO_ROOT
-from herd.rundir import SECRET_ENV, redact
+from herd.redaction import SECRET_ENV, redact
 
 MANIFEST = "manifest.json"
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "deepspeed",

@@ -11,14 +11,13 @@ import logging
 import os
 import re
 import shutil
-import signal
-import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 
 from herd.paths import share_per_umask
 from herd.rundir import ADAPTER_DIR, METRICS
+from herd.training.faults import kill_self
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +90,6 @@ def finished_run(run_dir: Path, max_steps: int) -> dict | None:
     return metrics if target is not None and metrics.get("global_step", -1) >= target else None
 
 
-def _kill_self(reason: str) -> None:
-    print(f"herd: debug fault: {reason}; SIGKILL", flush=True)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 class CompleteMarker(TrainerCallback):
     """Marks a checkpoint complete once all ranks have saved it (on_save runs after the trainer's save)."""
 
@@ -107,25 +101,8 @@ class CompleteMarker(TrainerCallback):
         checkpoint = self.run_dir / f"checkpoint-{state.global_step}"
         # Fault injection for the tests: die after the files but before the marker.
         if os.environ.get("HERD_DEBUG_KILL_IN_SAVE") == str(state.global_step) and self.state.is_main_process:
-            _kill_self(f"killed while saving checkpoint {state.global_step}")
+            kill_self(f"killed while saving checkpoint {state.global_step}")
         if self.state.is_main_process and checkpoint.is_dir():
             share_per_umask(checkpoint)
             (checkpoint / COMPLETE).write_text(f"{state.global_step}\n")
         self.state.wait_for_everyone()
-
-
-class DebugFaults(TrainerCallback):
-    """Test hooks, off unless their environment variable is set: SIGKILL after a step (and its checkpoint),
-    or raise on one rank."""
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if os.environ.get("HERD_DEBUG_RAISE_ON_RANK") == os.environ.get("RANK", "0") and state.global_step >= 2:
-            raise RuntimeError(f"herd debug fault: rank {os.environ.get('RANK', '0')} raised at step "
-                               f"{state.global_step}")
-
-    def on_save(self, args, state, control, **kwargs):
-        if os.environ.get("HERD_DEBUG_KILL_AFTER_STEP") == str(state.global_step):
-            # Optionally die only after a pause: W&B persists what was logged within its flush interval, so
-            # a test of what survives a kill must let that interval pass first.
-            time.sleep(float(os.environ.get("HERD_DEBUG_KILL_DELAY_S", "0")))
-            _kill_self(f"killed after step {state.global_step}")

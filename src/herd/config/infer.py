@@ -13,7 +13,7 @@ from enum import Enum
 
 from hydra.core.config_store import ConfigStore
 
-from herd.config import DataConfig, ModelConfig, Precision, Quant
+from herd.config.train import DataConfig, ModelConfig, Precision, Quant
 
 
 class Split(str, Enum):
@@ -91,6 +91,6 @@ class InferJob:
     lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
 
 
-def register_infer_configs() -> None:
+def register_infer_schema() -> None:
     """Make the infer schema available to conf/infer.yaml; call before Hydra composes."""
     ConfigStore.instance().store(name="infer_schema", node=InferJob)

@@ -75,6 +75,13 @@ class Formatted:
     answer_spans: tuple[tuple[int, int], ...]  # [start, end) of " {answer} </s>" for every assistant turn
 
 
+def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """`messages` opened by `system_prompt`, unless it is empty or the conversation has its own."""
+    if system_prompt and (not messages or messages[0].get("role") != "system"):
+        return [{"role": "system", "content": system_prompt}, *messages]
+    return messages
+
+
 def format_llama2(messages: list[dict], add_generation_prompt: bool = False) -> Formatted:
     """Format a validated conversation; a trailing user turn yields a prompt ending in "[/INST]"."""
     system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
