@@ -63,6 +63,38 @@ def collect_prompts(job: InferJob, source: Source, tokenizer) -> tuple[str, list
     return name, list(range(len(prompts))), prompts, references
 
 
+def generate_missing(model, tokenizer, g, state, device, writer, done: set, rows: tuple[list, list, list],
+                     lengths: list[int]) -> tuple[int, int]:
+    """Generate this rank's batches that hold a record not yet done, appending each batch's records to the
+    rank's part file. Returns (completion tokens, records) written now."""
+    ids, prompts, references = rows
+    new_tokens, written, batches_run = 0, 0, 0
+    # Test hook, like train's HERD_DEBUG_*: rank 0 dies abruptly after this many batches.
+    crash_after = int(os.environ.get("HERD_DEBUG_EXIT_AFTER_BATCHES", "0")) or float("inf")
+    for number, batch in rank_batches(plan_batches(lengths, g.batch_size), state.process_index,
+                                      state.num_processes):
+        todo = [i for i in batch if jsonl_parts.record_key(ids[i]) not in done]
+        if not todo:
+            continue
+        # The whole batch is regenerated even when part of it is done: same padding, same outputs.
+        batch_started = time.perf_counter()
+        completions = generate(model, tokenizer, [prompts[i] for i in batch], g, g.seed + number, device)
+        seconds = time.perf_counter() - batch_started
+        records = [
+            {"id": ids[i], "prompt": prompts[i], "response": c.text, "prompt_tokens": c.prompt_tokens,
+             "completion_tokens": c.completion_tokens, "seconds": round(seconds, 4),
+             "reference": references[i]}
+            for i, c in zip(batch, completions) if i in todo
+        ]
+        writer.write(records)
+        new_tokens += sum(r["completion_tokens"] for r in records)
+        written += len(records)
+        batches_run += 1
+        if state.is_main_process and batches_run >= crash_after:
+            os._exit(17)  # simulated crash: no cleanup, no barrier, nothing flushed beyond the part file
+    return new_tokens, written
+
+
 def run(cfg: DictConfig) -> Path:
     job: InferJob = OmegaConf.to_object(cfg)
     g = job.generate
@@ -92,30 +124,8 @@ def run(cfg: DictConfig) -> Path:
 
     model, tokenizer = load_for_inference(source, job, device, tokenizer)
     started = time.perf_counter()
-    new_tokens, written, batches_run = 0, 0, 0
-    # Test hook, like train's HERD_DEBUG_*: rank 0 dies abruptly after this many batches.
-    crash_after = int(os.environ.get("HERD_DEBUG_EXIT_AFTER_BATCHES", "0")) or float("inf")
-    for number, batch in rank_batches(plan_batches(lengths, g.batch_size), state.process_index,
-                                      state.num_processes):
-        todo = [i for i in batch if jsonl_parts.record_key(ids[i]) not in done]
-        if not todo:
-            continue
-        # The whole batch is regenerated even when part of it is done: same padding, same outputs.
-        batch_started = time.perf_counter()
-        completions = generate(model, tokenizer, [prompts[i] for i in batch], g, g.seed + number, device)
-        seconds = time.perf_counter() - batch_started
-        records = [
-            {"id": ids[i], "prompt": prompts[i], "response": c.text, "prompt_tokens": c.prompt_tokens,
-             "completion_tokens": c.completion_tokens, "seconds": round(seconds, 4),
-             "reference": references[i]}
-            for i, c in zip(batch, completions) if i in todo
-        ]
-        writer.write(records)
-        new_tokens += sum(r["completion_tokens"] for r in records)
-        written += len(records)
-        batches_run += 1
-        if state.is_main_process and batches_run >= crash_after:
-            os._exit(17)  # simulated crash: no cleanup, no barrier, nothing flushed beyond the part file
+    new_tokens, written = generate_missing(model, tokenizer, g, state, device, writer, done,
+                                           (ids, prompts, references), lengths)
     writer.close()
     elapsed = time.perf_counter() - started
     new_tokens, written = all_reduce_sum([new_tokens, written], device)

@@ -1,0 +1,1 @@
+"""The typed schemas of every herd config, one module per entrypoint: train, infer, cluster (herd.slurm)."""

@@ -1,0 +1,21 @@
+"""herd: QLoRA fine-tuning of Llama-2-class models; the code that `train/` and `infer/` share.
+
+The module map (each module opens with the one line saying what it owns):
+    errors          HerdError and its kinds: what a user can fix, shown as one line
+    config/         typed Hydra schemas: train, infer, cluster
+    cli             validate the config, then run the entrypoint under Hydra (sweep directories too)
+    paths           where files are; the one atomic, durable file write
+    dist            ranks, the run id, the SLURM job, collectives, process-group life
+    rundir          the run directory's files; redaction: secrets kept out of every file
+    chat_format     the Llama-2 chat format and converters into it
+    data            rows -> conversations -> tokenized, cached splits
+    modeling        base model, tokenizer, quantization, LoRA (hub id or local path)
+    lm_head         the loss head over labelled positions only
+    packing         how packed conversations reach the model
+    memory          the pure memory model of a QLoRA run, and its CLI (python -m herd.memory)
+    inference       what every infer command shares: load, batch, score, generate
+    jsonl_parts     crash-safe JSONL output written by several ranks
+    slurm           render and submit the sbatch template (python -m herd.slurm)
+    training/       training only: plan, strategy, checkpoints, preemption, manifest, faults, tracking/
+    fixtures/       built locally for offline runs and tests: the tiny Llama, the sample data
+"""
