@@ -18,6 +18,9 @@ import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from herd.config.train import SHARDED as SHARDED_STRATEGIES
+from herd.config.train import Strategy
+
 GB = 2**30
 # Constants measured on one H100 (torch 2.11, CUDA 13, bitsandbytes 0.50.2, transformers 5.17, PEFT 0.21) with a
 # random-init Llama-2-7B: 11 QLoRA runs (micro batch 1-4, seq 1024-4096, r 8/16, checkpointing on/off, full and
@@ -35,8 +38,8 @@ HF_SHARD_BYTES = 10 * 10**9  # the Llama-2 HF repos cut safetensors at ~10 GB pe
 LORA_PARAM_BYTES = 4  # fp32: PEFT's autocast_adapter_dtype=True upcasts adapters of a quantized base
 OPTIMIZER_BYTES = {"adamw": 8.0, "paged_adamw_8bit": 2 + 2 * 4 / 256}  # per trainable param: m and v
 ALL_LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
-STRATEGIES = ("single", "ddp", "fsdp", "zero2", "zero3", "zero3_offload")
-SHARDED = ("fsdp", "zero3", "zero3_offload")  # weights and LoRA states divided by world size
+STRATEGIES = tuple(s.value for s in Strategy)  # the memory model takes strategies by name
+SHARDED = tuple(s.value for s in SHARDED_STRATEGIES)  # weights and LoRA states divided by world size
 TRL_TOKEN_TILE, TRL_VOCAB_TILE = 4096, 32768  # trl.kernels.chunked_logprob tile of the fused LM head
 
 
