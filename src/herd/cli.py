@@ -27,6 +27,7 @@ from omegaconf.errors import (
     OmegaConfBaseException,
 )
 
+from herd.config.checks import first_violation
 from herd.config.train import register_train_schema
 from herd.dist import close_process_group, ensure_run_id
 from herd.errors import ConfigError, HerdError
@@ -147,6 +148,9 @@ def check_config(config_name: str, overrides: list[str]) -> DictConfig:
             extra = unknown_keys(cfg)
             if extra:
                 raise ConfigError(f"unknown key '{extra[0]}'; {_allowed_keys(config_name, extra[0])}")
+            violation = first_violation(cfg)
+            if violation:
+                raise ConfigError(violation)
         except ConfigError:
             raise
         except (HydraException, OmegaConfBaseException, ValueError) as error:
