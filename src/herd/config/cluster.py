@@ -2,22 +2,43 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from herd.config.checks import checked
+from herd.errors import ConfigError
 
-# SLURM's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S
-_SLURM_TIME = re.compile(r"^(\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2})$")
+
+def time_seconds(limit: str) -> int | None:
+    """SLURM's time formats (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in seconds; None = no limit."""
+    if limit.upper() in ("INFINITE", "UNLIMITED"):
+        return None
+    try:
+        days, _, clock = limit.rpartition("-")
+        parts = [int(p) for p in clock.split(":")]
+        if days:
+            hours, minutes, seconds = (parts + [0, 0])[:3]
+        elif len(parts) == 1:
+            hours, minutes, seconds = 0, parts[0], 0
+        elif len(parts) == 2:
+            hours, (minutes, seconds) = 0, parts
+        else:
+            hours, minutes, seconds = parts
+        if len(parts) > 3 or min(parts) < 0:
+            raise ValueError
+        return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+    except ValueError:
+        raise ConfigError(f"cluster.time='{limit}' is not a SLURM time (MM, HH:MM:SS or D-HH:MM:SS)") from None
 
 
 def slurm_time_rule(value: str) -> str | None:
-    if _SLURM_TIME.match(str(value)) or str(value) in ("infinite", "UNLIMITED"):
-        return None
-    return "is not a SLURM time limit (MM, HH:MM:SS or D-HH:MM:SS)"
+    try:
+        time_seconds(str(value))
+    except ConfigError:
+        return "is not a SLURM time limit (MM, HH:MM:SS or D-HH:MM:SS)"
+    return None
 
 
 @dataclass
