@@ -29,7 +29,7 @@ from herd.modeling import (
 )
 from herd.paths import share_per_umask
 from herd.training import strategy
-from herd.training.checkpoints import CompleteMarker, discard_checkpoints, finished_run, resume_point
+from herd.training.checkpoints import CompleteMarker, finished_run, resume_point, set_aside
 from herd.training.faults import DebugFaults
 from herd.training.manifest import MANIFEST, build_manifest
 from herd.training.plan import check_fits, device_memory_bytes, launch_commands, plan_job
@@ -240,7 +240,7 @@ def run(cfg: DictConfig) -> RunResult | None:
     resume_from, passed_over = resume_point(run_dir, job.train.max_steps) if run_dir.exists() else (None, [])
     state.wait_for_everyone()  # every rank has decided before the passed-over checkpoints go
     if passed_over and state.is_main_process:
-        discard_checkpoints(passed_over)
+        set_aside(passed_over)
     state.wait_for_everyone()
     if state.is_main_process:
         rundir.write_config(run_dir, cfg)
