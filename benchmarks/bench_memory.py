@@ -15,7 +15,7 @@ import json
 import resource
 import sys
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -76,7 +76,7 @@ def main() -> None:
     predicted = estimate(load_model_shape(str(model_dir)), seq_len=args.seq_len, micro_batch=args.micro_batch,
                          gradient_checkpointing=checkpointing).total_per_gpu_bytes
     device = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu (peak RSS growth)"
-    result = {"date": datetime.now(timezone.utc).isoformat(), "device": device, "settings": vars(args),
+    result = {"date": datetime.now(UTC).isoformat(), "device": device, "settings": vars(args),
               "predicted_gb": predicted / GB, "measured_gb": measured / GB, "ratio": predicted / measured}
     print(json.dumps(result))
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

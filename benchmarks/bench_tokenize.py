@@ -17,7 +17,7 @@ import platform
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def main() -> None:
             results.append({"round": round_index, "side": side, "rows": len(rows), "tokens": tokens,
                             "seconds": seconds, "rows_per_s": len(rows) / seconds})
             print(json.dumps(results[-1]), flush=True)
-    report = {"date": datetime.now(timezone.utc).isoformat(), "machine": platform.processor() or platform.machine(),
+    report = {"date": datetime.now(UTC).isoformat(), "machine": platform.processor() or platform.machine(),
               "cpu_count": os.cpu_count(), "results": results}
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -251,7 +251,7 @@ def write_report(args, results: list[dict], **extra) -> None:
     import importlib.metadata as md
 
     report = {
-        "date": datetime.now(timezone.utc).isoformat(),
+        "date": datetime.now(UTC).isoformat(),
         "device": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu",
         "cpu_count": os.cpu_count(),
         "settings": {key: value for key, value in vars(args).items() if not key.startswith("one_side")},

@@ -6,7 +6,7 @@ import pytest
 
 from herd.config.train import BadRows, DataConfig, DataFormat
 from herd.data import build_splits, load_splits, tokenize_conversations
-from herd.errors import DataError
+from herd.errors import DataError, InputError
 
 GOOD = "### Human: What is a loop? ### Assistant: A loop repeats a block of code."
 
@@ -97,7 +97,7 @@ def test_messages_format_and_parquet(tmp_path, tiny_tokenizer):
 
 def test_unknown_suffix_is_refused(tmp_path, tiny_tokenizer):
     (tmp_path / "rows.csv").write_text("text\n")
-    with pytest.raises(DataError, match="suffix '.csv'; allowed: .jsonl, .json, .parquet"):
+    with pytest.raises(InputError, match="suffix '.csv'; allowed: .jsonl, .json, .parquet"):
         build_splits(config(tmp_path / "rows.csv", tmp_path), tiny_tokenizer)
 
 

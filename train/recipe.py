@@ -20,10 +20,13 @@ from transformers import TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from herd import dist, lm_head, packing, rundir
+from herd.config.checks import check_library_names
 from herd.config.train import TrainJob, gradient_accumulation
-from herd.data import DataReport, load_splits
+from herd.data import DataReport, check_source, load_splits
+from herd.errors import HerdError
 from herd.modeling import (
     add_lora,
+    check_target_modules,
     load_base_model,
     load_tokenizer,
     model_location,
@@ -32,11 +35,12 @@ from herd.modeling import (
 )
 from herd.paths import share_per_umask
 from herd.training import strategy
-from herd.training.checkpoints import CompleteMarker, discard_checkpoints, finished_run, resume_point
+from herd.training.checkpoints import CompleteMarker, finished_run, resume_point, set_aside
 from herd.training.faults import DebugFaults
 from herd.training.manifest import MANIFEST, build_manifest
 from herd.training.plan import check_fits, device_memory_bytes, launch_commands, plan_job
 from herd.training.preempt import Preemption
+from herd.training.run_lock import RunLock
 from herd.training.strategy import StrategySetup
 from herd.training.tracking.callback import HerdTracker
 
@@ -67,7 +71,7 @@ class RunSetup:
     run_dir: Path
     finished: dict | None  # the metrics of a run that had already finished: nothing to redo
     resume_from: Path | None  # the checkpoint to resume from
-    passed_over: tuple[Path, ...]  # final checkpoints to discard before training rewrites them
+    passed_over: tuple[Path, ...]  # final checkpoints to set aside before training rewrites them
 
 
 @dataclass
@@ -92,9 +96,14 @@ def run(cfg: DictConfig) -> RunResult | None:
         return None
     if setup.finished is not None:  # e.g. a requeued job whose run had already ended: nothing to redo
         return already_finished(setup)
-    prepare_run_dir(setup, cfg)
-    built = build(setup, cfg, preemption)
-    return train_and_finish(setup, cfg, built, preemption)
+    lock = lock_run_dir(setup)
+    try:
+        prepare_run_dir(setup, cfg)
+        built = build(setup, cfg, preemption)
+        return train_and_finish(setup, cfg, built, preemption)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def resolve(job: TrainJob) -> RunSetup | None:
@@ -115,6 +124,7 @@ def resolve(job: TrainJob) -> RunSetup | None:
         print("launch with:\n  " + "\n  ".join(launch_commands(world_size)), flush=True)
         return None
     check_fits(job, settings, plan, location, device_bytes)
+    check_inputs(job, location)
     state = strategy.start_processes(job, device)
     accumulation = gradient_accumulation(job.train.global_batch_size, job.train.micro_batch_size,
                                          state.num_processes)
@@ -131,6 +141,30 @@ def resolve(job: TrainJob) -> RunSetup | None:
     )
 
 
+def check_inputs(job: TrainJob, location: str) -> None:
+    """What the schema alone cannot check, on every rank before anything is written: the names only the
+    libraries know, the data file, the LoRA targets against the model's layers."""
+    check_library_names(job.train.optimizer, job.train.lr_scheduler, job.model.attn_implementation)
+    check_source(job.data)
+    check_target_modules(job.model, job.peft, location)
+
+
+def lock_run_dir(setup: RunSetup) -> RunLock | None:
+    """Rank 0 takes the run directory's lock (herd.training.run_lock); every rank learns the outcome, so a
+    refused launch ends on all ranks alike, in one line, before anything is written."""
+    lock, refusal = None, None
+    if setup.state.is_main_process:
+        lock = RunLock(setup.run_dir)
+        try:
+            lock.acquire()
+        except HerdError as error:
+            refusal = str(error)
+    refusal = dist.all_gather_objects(refusal)[0]
+    if refusal:
+        raise HerdError(refusal)
+    return lock
+
+
 def already_finished(setup: RunSetup) -> RunResult:
     run_dir, finished = setup.run_dir, setup.finished
     if setup.state.is_main_process:
@@ -141,11 +175,11 @@ def already_finished(setup: RunSetup) -> RunResult:
 
 
 def prepare_run_dir(setup: RunSetup, cfg: DictConfig) -> None:
-    """Passed-over checkpoints discarded, config.yaml written, the run announced."""
+    """Passed-over checkpoints set aside, config.yaml written, the run announced."""
     state = setup.state
-    state.wait_for_everyone()  # every rank has decided before the passed-over checkpoints go
+    state.wait_for_everyone()  # every rank has decided before the passed-over checkpoints move
     if setup.passed_over and state.is_main_process:
-        discard_checkpoints(list(setup.passed_over))
+        set_aside(list(setup.passed_over))
     state.wait_for_everyone()
     if state.is_main_process:
         rundir.write_config(setup.run_dir, cfg)

@@ -37,6 +37,7 @@ CHECK_CONVERSATIONS = [
      {"role": "user", "content": "Now make it vegan, and explain each step in detail please."}],
     [{"role": "user", "content": "Write a short poem about the sea in autumn."}],
 ]
+MERGE_RECORD = "herd_merge.json"  # what was merged and how well it checked; marks herd's own output
 DEFAULT_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.25}  # max |logit difference|
 
 
@@ -67,6 +68,9 @@ def run(cfg: DictConfig) -> Path:
     output = output_path(job.merge.output, "merge.output", "merged", source)
     if output.exists() and not job.merge.overwrite:
         raise ConfigError(f"{output} exists; set merge.overwrite=true or another merge.output")
+    if output.exists() and not (output / MERGE_RECORD).is_file():
+        raise ConfigError(f"merge.overwrite: {output} is not a model herd merged (no {MERGE_RECORD}) and is left "
+                          "as it is; give another merge.output")
     dtype = resolve_precision(job.precision, device)
     tolerance = job.merge.tolerance if job.merge.tolerance is not None else DEFAULT_TOLERANCE[dtype]
 
@@ -90,7 +94,7 @@ def run(cfg: DictConfig) -> Path:
         if not difference <= tolerance:  # NaN fails too
             raise HerdError(f"merge check failed: max |logit difference| {difference:.3g} > merge.tolerance "
                             f"{tolerance:g}; nothing written to {output}")
-        (staging / "herd_merge.json").write_text(json.dumps({
+        (staging / MERGE_RECORD).write_text(json.dumps({
             **source.describe(), "dtype": str(dtype), "max_logit_difference": difference,
             "tolerance": tolerance,
         }, indent=2) + "\n")

@@ -39,6 +39,9 @@ LLAMA2_CHAT_TEMPLATE = (
 )
 
 
+ROLES = ("system", "user", "assistant")
+
+
 class ConversationError(ValueError):
     """A conversation that cannot be formatted; `kind` is the bad-row category it is counted under."""
 
@@ -51,18 +54,22 @@ def validate_messages(messages: list[dict]) -> None:
     """Raise ConversationError unless `messages` is [system?] user, assistant, user, assistant, ..."""
     if not messages:
         raise ConversationError("empty", "conversation has no messages")
+    for index, message in enumerate(messages):
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise ConversationError("unknown_role", f"message {index} has role {role!r}; allowed: {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise ConversationError("not_text", f"message {index} ({role}) content is "
+                                    f"{type(content).__name__}, not a string")
+        if not content.strip():
+            raise ConversationError("empty", f"message {index} ({role}) is empty")
     turns = messages[1:] if messages[0].get("role") == "system" else messages
     for index, message in enumerate(turns):
-        role, content = message.get("role"), message.get("content")
         expected = "user" if index % 2 == 0 else "assistant"
-        if role not in ("user", "assistant", "system"):
-            raise ConversationError("roles_out_of_order", f"unknown role {role!r}")
-        if role != expected:
+        if message["role"] != expected:
             raise ConversationError(
-                "roles_out_of_order", f"message {index} has role {role!r}, expected {expected!r}"
+                "roles_out_of_order", f"message {index} has role {message['role']!r}, expected {expected!r}"
             )
-        if not isinstance(content, str) or not content.strip():
-            raise ConversationError("empty", f"message {index} ({role}) is empty")
     if not any(m["role"] == "assistant" for m in turns):
         raise ConversationError("no_assistant", "conversation has no assistant turn")
 

@@ -27,10 +27,11 @@ from omegaconf.errors import (
     OmegaConfBaseException,
 )
 
+from herd.config.checks import first_violation
 from herd.config.train import register_train_schema
 from herd.dist import close_process_group, ensure_run_id
 from herd.errors import ConfigError, HerdError
-from herd.paths import REPO_ROOT
+from herd.paths import REPO_ROOT, describe_os_error
 
 CONF_DIR = REPO_ROOT / "conf"
 
@@ -147,6 +148,9 @@ def check_config(config_name: str, overrides: list[str]) -> DictConfig:
             extra = unknown_keys(cfg)
             if extra:
                 raise ConfigError(f"unknown key '{extra[0]}'; {_allowed_keys(config_name, extra[0])}")
+            violation = first_violation(cfg)
+            if violation:
+                raise ConfigError(violation)
         except ConfigError:
             raise
         except (HydraException, OmegaConfBaseException, ValueError) as error:
@@ -188,6 +192,12 @@ def hydra_entry(
             except HerdError as error:
                 print(f"herd: {error}", file=sys.stderr)
                 sys.exit(2)
+            except OSError as error:  # a full or read-only disk, a permission: the file and the reason
+                print(f"herd: {describe_os_error(error)}", file=sys.stderr)
+                sys.exit(1)
+            except KeyboardInterrupt:
+                print("herd: interrupted", file=sys.stderr)
+                sys.exit(130)
 
         hydra.main(version_base=None, config_path=str(CONF_DIR), config_name=config_name)(guarded_task)()
         # Reached only when every job succeeded (Hydra exits on a failure); after the last job of a sweep,

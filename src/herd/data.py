@@ -12,7 +12,6 @@ import json
 import logging
 import random
 import shutil
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,29 +28,45 @@ from herd.chat_format import (
 )
 from herd.config.train import BadRows, DataConfig, DataFormat
 from herd.errors import DataError
-from herd.paths import resolve_path
+from herd.paths import resolve_path, user_file
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1  # bump when tokenization logic changes, so old caches are not reused
 LOCAL_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
+BAD_EXAMPLES = 3  # bad rows shown per kind
 
 
 @dataclass
 class DataReport:
     rows: int = 0  # rows read
     bad: dict[str, int] = field(default_factory=dict)  # bad rows by kind
+    # per kind, the first few bad rows: "line 12: message 1 (assistant) is empty"
+    bad_examples: dict[str, list[str]] = field(default_factory=dict)
     train: int = 0
     eval: int = 0
     cache_hit: bool = False
 
+    def add_bad(self, kind: str, where: str, why: str) -> None:
+        self.bad[kind] = self.bad.get(kind, 0) + 1
+        examples = self.bad_examples.setdefault(kind, [])
+        if len(examples) < BAD_EXAMPLES:
+            examples.append(f"{where}: {why}")
+
+    def bad_kinds(self) -> str:
+        return ", ".join(f"{kind}={count}" for kind, count in sorted(self.bad.items())) or "none"
+
+    def bad_details(self) -> str:
+        """Each kind with its first rows and why, e.g. `missing_field: line 3: row has no 'text' field`."""
+        return "; ".join(f"{kind}: {' | '.join(self.bad_examples.get(kind, []))}" for kind in sorted(self.bad))
+
     def summary(self) -> str:
         bad_total = sum(self.bad.values())
-        kinds = ", ".join(f"{kind}={count}" for kind, count in sorted(self.bad.items())) or "none"
-        return (
-            f"data: {self.rows} rows, {bad_total} bad skipped ({kinds}); "
+        line = (
+            f"data: {self.rows} rows, {bad_total} bad skipped ({self.bad_kinds()}); "
             f"{self.train} train / {self.eval} eval samples{' (cached)' if self.cache_hit else ''}"
         )
+        return line + (f"\ndata: first bad rows by kind: {self.bad_details()}" if bad_total else "")
 
 
 # ---------------------------------------------------------------- reading
@@ -61,46 +76,59 @@ def _is_local(path: str) -> bool:
     return Path(path).suffix in LOCAL_SUFFIXES or Path(path).expanduser().is_absolute()
 
 
-def read_rows(data_cfg: DataConfig) -> tuple[list[dict], Counter]:
-    """Rows of a local file or hub data set, and a count of rows that are not valid JSON."""
-    bad: Counter = Counter()
+def check_source(data_cfg: DataConfig) -> None:
+    """A local data file is there, a file, readable and UTF-8 (json/jsonl), before anything loads."""
+    if _is_local(data_cfg.path):
+        suffixes = tuple(LOCAL_SUFFIXES)
+        path = user_file(data_cfg.path, "data.path", suffixes=suffixes)
+        if LOCAL_SUFFIXES[path.suffix] != "parquet":
+            user_file(data_cfg.path, "data.path", suffixes=suffixes, text=True)
+
+
+def read_rows(data_cfg: DataConfig, report: DataReport) -> list[tuple[str, dict]]:
+    """(where, row) for each row of a local file or hub data set; rows that are not JSON objects are
+    counted in `report` as bad ("invalid_json") with their line."""
     if not _is_local(data_cfg.path):
         dataset = load_dataset(data_cfg.path, split=data_cfg.split)
-        return dataset.to_list(), bad
+        return [(f"row {number}", row) for number, row in enumerate(dataset.to_list(), 1)]
+    check_source(data_cfg)
     path = resolve_path(data_cfg.path)
-    kind = LOCAL_SUFFIXES.get(path.suffix)
-    if kind is None:
-        raise DataError(f"data.path {path} has suffix '{path.suffix}'; allowed: {', '.join(LOCAL_SUFFIXES)}")
+    kind = LOCAL_SUFFIXES[path.suffix]
     if kind == "parquet":
-        return Dataset.from_parquet(str(path)).to_list(), bad
+        return [(f"row {number}", row) for number, row in enumerate(Dataset.from_parquet(str(path)).to_list(), 1)]
     if kind == "json":
         try:
             rows = json.loads(path.read_text())
         except json.JSONDecodeError as error:
-            raise DataError(f"{path} is not valid JSON: {error}") from None
+            raise DataError(f"data.path={path} is not valid JSON ({error}); a .json file holds one list of "
+                            "objects, a .jsonl file one object per line") from None
         if not isinstance(rows, list):
-            raise DataError(f"{path} must hold a JSON list of objects")
-        return rows, bad
+            raise DataError(f"data.path={path} must hold a JSON list of objects, got {type(rows).__name__}")
+        return [(f"item {number}", row) for number, row in enumerate(rows, 1)]
     rows = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            bad["invalid_json"] += 1
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-        else:
-            bad["invalid_json"] += 1
-    return rows, bad
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                report.add_bad("invalid_json", f"line {number}", f"not JSON ({error.msg})")
+                continue
+            if isinstance(row, dict):
+                rows.append((f"line {number}", row))
+            else:
+                report.add_bad("invalid_json", f"line {number}", f"a JSON {type(row).__name__}, not an object")
+    return rows
 
 
 def row_to_messages(row: dict, data_cfg: DataConfig) -> list[dict]:
     """One row as a validated message list; raises ConversationError naming the bad-row kind."""
+    if not isinstance(row, dict):
+        raise ConversationError("malformed", f"a {type(row).__name__}, not an object")
     if data_cfg.field not in row:
-        raise ConversationError("missing_field", f"row has no '{data_cfg.field}' field")
+        raise ConversationError("missing_field", f"row has no '{data_cfg.field}' field (data.field); its fields: "
+                                f"{', '.join(map(str, row)) or 'none'}")
     value = row[data_cfg.field]
     if data_cfg.format == DataFormat.guanaco:
         messages = guanaco_to_messages(value)
@@ -211,44 +239,66 @@ def split_conversations(
 
 def select_samples(data_cfg: DataConfig, tokenizer) -> tuple[list[list[dict]], list[dict], DataReport]:
     """The usable conversations (shuffled, subset) and their tokenized samples, in split order."""
-    rows, bad = read_rows(data_cfg)
-    report = DataReport(rows=len(rows) + sum(bad.values()))
+    report = DataReport()
+    rows = read_rows(data_cfg, report)
+    report.rows = len(rows) + sum(report.bad.values())
     conversations = []
-    for row in rows:
+    for where, row in rows:
         try:
-            conversations.append(row_to_messages(row, data_cfg))
+            conversations.append((where, row_to_messages(row, data_cfg)))
         except ConversationError as error:
-            bad[error.kind] += 1
+            report.add_bad(error.kind, where, str(error))
     random.Random(data_cfg.seed).shuffle(conversations)
 
     wanted = data_cfg.max_samples or len(conversations)
+    most_chars = data_cfg.max_seq_len * longest_token_chars(tokenizer)
     samples: list[dict] = []
     kept: list[list[dict]] = []
     batch = 1000
     for start in range(0, len(conversations), batch):
         if len(samples) >= wanted:
             break
-        chunk = conversations[start : start + batch]
-        for conversation, sample in zip(
-            chunk, tokenize_conversations(chunk, tokenizer, data_cfg.assistant_only_loss)
-        ):
+        chunk = []
+        for where, conversation in conversations[start : start + batch]:
+            # Longer than max_seq_len tokens even if every token were the longest: dropped untokenized, so a
+            # huge row costs a length check, not a tokenizer pass.
+            chars = sum(len(m["content"]) for m in conversation)
+            if chars > most_chars:
+                report.add_bad("too_long", where, f"{chars} characters, more than data.max_seq_len="
+                               f"{data_cfg.max_seq_len} tokens can hold")
+            else:
+                chunk.append((where, conversation))
+        tokenized = tokenize_conversations([c for _, c in chunk], tokenizer, data_cfg.assistant_only_loss)
+        for (where, conversation), sample in zip(chunk, tokenized):
             if len(sample["input_ids"]) > data_cfg.max_seq_len:
-                bad["too_long"] += 1
+                report.add_bad("too_long", where, f"{len(sample['input_ids'])} tokens > data.max_seq_len="
+                               f"{data_cfg.max_seq_len}")
             elif all(label == -100 for label in sample["labels"]):
-                bad["no_assistant"] += 1
+                report.add_bad("no_assistant", where, "no assistant token left to train on")
             else:
                 samples.append(sample)
                 kept.append(conversation)
     samples, kept = samples[:wanted], kept[:wanted]
-    report.bad = dict(bad)
-
-    if bad and data_cfg.bad_rows == BadRows.error:
-        kinds = ", ".join(f"{kind}={count}" for kind, count in sorted(bad.items()))
-        raise DataError(f"{sum(bad.values())} bad rows in {data_cfg.path} ({kinds}); "
-                        "fix them or set data.bad_rows=skip")
-    if len(samples) < 2:
-        raise DataError(f"{data_cfg.path}: only {len(samples)} usable samples after dropping bad rows")
+    check_bad_rows(data_cfg, report, len(samples))
     return kept, samples, report
+
+
+def check_bad_rows(data_cfg: DataConfig, report: DataReport, usable: int) -> None:
+    """bad_rows=error refuses any bad row; either policy refuses a data set left with under 2 samples.
+    Both name every kind, its count, and the first rows of each with why."""
+    bad_total = sum(report.bad.values())
+    if bad_total and data_cfg.bad_rows == BadRows.error:
+        raise DataError(f"{bad_total} bad rows in {data_cfg.path} ({report.bad_kinds()}); fix them or set "
+                        f"data.bad_rows=skip. First bad rows: {report.bad_details()}")
+    if usable < 2:
+        raise DataError(f"{data_cfg.path}: only {usable} usable samples after dropping bad rows "
+                        f"({report.bad_kinds()})" + (f". First bad rows: {report.bad_details()}" if bad_total else ""))
+
+
+def longest_token_chars(tokenizer) -> int:
+    """The most characters one token of `tokenizer` can stand for (an upper bound: byte tokens like <0x41>
+    count their spelling)."""
+    return max(len(token) for token in tokenizer.get_vocab())
 
 
 def _read_cache(cache: Path) -> tuple[Dataset, Dataset | None]:
@@ -263,6 +313,7 @@ def load_splits(data_cfg: DataConfig, tokenizer) -> tuple[Dataset, Dataset | Non
         log.info("reusing tokenized data from %s", cache)
         report = DataReport(**json.loads((cache / "report.json").read_text()))
         report.cache_hit = True
+        check_bad_rows(data_cfg, report, report.train + report.eval)  # the policy applies to cached data too
         return (*_read_cache(cache), report)
 
     train, evaluation, report = build_splits(data_cfg, tokenizer)

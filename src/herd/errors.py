@@ -13,3 +13,7 @@ class ConfigError(HerdError):
 
 class DataError(HerdError):
     """Data that cannot be used as configured (bad rows under bad_rows=error, an empty split, ...)."""
+
+
+class InputError(HerdError):
+    """A file or directory the user named is missing, of the wrong kind, or unreadable."""

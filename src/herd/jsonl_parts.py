@@ -58,9 +58,14 @@ def begin(final: Path, fingerprint: str, overwrite: bool) -> bool:
             raise ConfigError(f"{parts} holds unfinished results made with other settings; delete it, "
                               "set generate.overwrite=true, or rerun with the same settings")
     if overwrite:
+        # Only herd's own output is replaced, and the old one stays whole until finalize swaps the new one in.
+        if final.exists() and not summary_path(final).exists():
+            raise ConfigError(f"generate.overwrite: {final} was not written by herd (no {summary_path(final).name} "
+                              "beside it) and is left as it is; give another generate.output")
+        if parts.exists() and not settings.exists():
+            raise ConfigError(f"generate.overwrite: {parts} was not made by herd (no settings.json) and is left "
+                              "as it is; give another generate.output")
         shutil.rmtree(parts, ignore_errors=True)
-        final.unlink(missing_ok=True)
-        summary_path(final).unlink(missing_ok=True)
     parts.mkdir(parents=True, exist_ok=True)
     atomic_write(settings, json.dumps({"fingerprint": fingerprint}) + "\n")
     return False
@@ -119,7 +124,9 @@ def finalize(final: Path, ids_in_order: list[Any], summary: dict) -> int:
         raise HerdError(f"{len(missing)} records missing from {parts_dir(final)} (first: id {missing[0]!r}); "
                         "rerun to complete them")
     lines = [json.dumps(done[record_key(i)], ensure_ascii=False) + "\n" for i in ids_in_order]
-    atomic_write(summary_path(final), json.dumps(summary, indent=2, default=str) + "\n")
+    # The records first, then the summary that marks them complete: a crash in between leaves a file
+    # that no re-run takes for finished.
     atomic_write(final, "".join(lines))
+    atomic_write(summary_path(final), json.dumps(summary, indent=2, default=str) + "\n")
     shutil.rmtree(parts_dir(final), ignore_errors=True)
     return len(lines)

@@ -142,6 +142,27 @@ def lora_config(peft_cfg: PeftConfig):
     )
 
 
+def check_target_modules(model_cfg: ModelConfig, peft_cfg: PeftConfig, location: str) -> None:
+    """peft.target_modules must each name linear layers of this model (PEFT matches a name or a dotted
+    suffix of one), checked on a weightless copy built from its config before anything loads."""
+    targets = list(peft_cfg.target_modules)
+    if "all-linear" in targets:
+        return
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(location, revision=model_cfg.revision,
+                                        trust_remote_code=model_cfg.trust_remote_code)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+    linear = [name for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)]
+    unknown = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in linear)]
+    if unknown:
+        names = sorted({name.rpartition(".")[2] for name in linear})
+        raise ConfigError(f"peft.target_modules: {', '.join(unknown)} name no linear layer of {model_cfg.name}; "
+                          f"allowed: all-linear, {', '.join(names)}")
+
+
 def add_lora(model: PreTrainedModel, peft_cfg: PeftConfig, gradient_checkpointing: bool):
     from peft import get_peft_model, prepare_model_for_kbit_training
 

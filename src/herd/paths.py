@@ -3,8 +3,12 @@ directory, then the repo; every file a reader may look at is written atomically 
 
 from __future__ import annotations
 
+import codecs
+import errno
 import os
 from pathlib import Path
+
+from herd.errors import InputError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,3 +56,59 @@ def atomic_write(path: str | Path, content: str | bytes) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def user_file(path: str | Path, key: str, *, directory: bool = False, suffixes: tuple[str, ...] = (),
+              text: bool = False) -> Path:
+    """The file (or directory) a user named under config key `key`, checked before anything loads: it exists,
+    is of the right kind and suffix, can be read, and (text=True) is UTF-8 throughout. Refused in one line."""
+    try:
+        resolved = resolve_path(path)
+    except FileNotFoundError:
+        raise InputError(f"{key}={path}: no such {'directory' if directory else 'file'} "
+                         f"(looked in {Path.cwd()} and {REPO_ROOT})") from None
+    if directory != resolved.is_dir():
+        raise InputError(f"{key}={path}: is {'a file' if resolved.is_file() else 'a directory'}, "
+                         f"expected a {'directory' if directory else 'file'}")
+    if suffixes and resolved.suffix not in suffixes:
+        raise InputError(f"{key}={path}: suffix '{resolved.suffix}'; allowed: {', '.join(suffixes)}")
+    if not os.access(resolved, os.R_OK | (os.X_OK if directory else 0)):
+        raise InputError(f"{key}={path}: permission denied (cannot read it)")
+    if text:
+        _check_utf8(resolved, key, path)
+    return resolved
+
+
+def _check_utf8(resolved: Path, key: str, shown: str | Path) -> None:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    with open(resolved, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as error:
+                line += chunk[: error.start].count(b"\n")
+                raise InputError(f"{key}={shown}: not UTF-8 text (line {line}: {error.reason}); "
+                                 "convert it, e.g. iconv -f latin1 -t utf-8") from None
+            line += chunk.count(b"\n")
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as error:
+        raise InputError(f"{key}={shown}: not UTF-8 text (ends inside a character: {error.reason})") from None
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line for a failed read or write, naming the file and the likely fix."""
+    where = f": {error.filename}" if error.filename else ""
+    reasons = {
+        errno.ENOSPC: "no space left on the device",
+        errno.EDQUOT: "disk quota exceeded",
+        errno.EROFS: "read-only file system",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "operation not permitted",
+        errno.ENOENT: "no such file or directory",
+        errno.EISDIR: "is a directory",
+        errno.ENOTDIR: "not a directory",
+    }
+    reason = reasons.get(error.errno, error.strerror or str(error))
+    return f"{reason}{where}"

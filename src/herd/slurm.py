@@ -23,7 +23,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from herd.config.cluster import ClusterConfig, register_cluster_schema
+from herd.config.cluster import ClusterConfig, register_cluster_schema, time_seconds
 from herd.config.train import check_process_count, gradient_accumulation
 from herd.errors import ConfigError, HerdError
 from herd.paths import REPO_ROOT
@@ -46,28 +46,6 @@ class Job:
 
     def sbatch_command(self) -> list[str]:
         return ["sbatch", str(self.script)]
-
-
-def time_seconds(limit: str) -> int | None:
-    """SLURM's time formats (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in seconds; None = no limit."""
-    if limit.upper() in ("INFINITE", "UNLIMITED"):
-        return None
-    try:
-        days, _, clock = limit.rpartition("-")
-        parts = [int(p) for p in clock.split(":")]
-        if days:
-            hours, minutes, seconds = (parts + [0, 0])[:3]
-        elif len(parts) == 1:
-            hours, minutes, seconds = 0, parts[0], 0
-        elif len(parts) == 2:
-            hours, (minutes, seconds) = 0, parts
-        else:
-            hours, minutes, seconds = parts
-        if len(parts) > 3 or min(parts) < 0:
-            raise ValueError
-        return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
-    except ValueError:
-        raise ConfigError(f"cluster.time='{limit}' is not a SLURM time (MM, HH:MM:SS or D-HH:MM:SS)") from None
 
 
 def procs_per_node(cluster: ClusterConfig) -> int:

@@ -13,6 +13,7 @@ from enum import Enum
 
 from hydra.core.config_store import ConfigStore
 
+from herd.config.checks import checked
 from herd.config.train import DataConfig, ModelConfig, Precision, Quant
 
 
@@ -24,16 +25,16 @@ class Split(str, Enum):
 
 @dataclass
 class SamplingConfig:
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy (deterministic); > 0 samples, seeded per batch
-    top_p: float = 1.0  # nucleus sampling; only used when temperature > 0
-    seed: int = 0  # sampling seed; each batch uses seed + batch index, so results do not depend on ranks
+    max_new_tokens: int = checked(256, at_least=1)
+    temperature: float = checked(0.0, at_least=0)  # 0 = greedy (deterministic); > 0 samples, seeded per batch
+    top_p: float = checked(1.0, above=0, at_most=1)  # nucleus sampling; only used when temperature > 0
+    seed: int = checked(0, at_least=0)  # sampling seed; each batch uses seed + batch index, so results do not depend on ranks
 
 
 @dataclass
 class EvaluateConfig:
     split: Split = Split.eval
-    batch_size: int = 8  # sequences per forward, per process
+    batch_size: int = checked(8, at_least=1)  # sequences per forward, per process
     output: str | None = None  # metrics JSON; default <run_dir>/eval/metrics.json
 
 
@@ -43,7 +44,7 @@ class GenerateConfig(SamplingConfig):
     prompts: str | None = None
     split: Split = Split.eval  # with prompts from a data set: which split's user turns
     system_prompt: str | None = None  # added to prompts that have no system message
-    batch_size: int = 8  # prompts per generate call; batches are made once, over all prompts, by length
+    batch_size: int = checked(8, at_least=1)  # prompts per generate call; batches are made once, over all prompts, by length
     output: str | None = None  # JSONL; default <run_dir>/generations/<source>.jsonl
     overwrite: bool = False  # replace an existing output (and discard unfinished parts)
 
@@ -51,7 +52,7 @@ class GenerateConfig(SamplingConfig):
 @dataclass
 class MergeConfig:
     output: str | None = None  # directory; default <run_dir>/merged
-    tolerance: float | None = None  # max |logit difference| allowed; default 1e-3 (fp32), 0.25 (bf16)
+    tolerance: float | None = checked(None, above=0)  # max |logit difference| allowed; default 1e-3 (fp32), 0.25 (bf16)
     overwrite: bool = False
 
 
@@ -66,9 +67,9 @@ class LmEvalConfig:
     tasks: list[str] = field(default_factory=list)  # lm-eval task names, e.g. [hellaswag, arc_easy]
     include_path: str | None = None  # a directory of extra task YAMLs (local tasks)
     include_defaults: bool = True  # index lm-eval's built-in task YAMLs (takes seconds); false: local only
-    num_fewshot: int | None = None
-    limit: float | None = None  # docs per task (>= 1) or a fraction; for smoke runs only
-    batch_size: int = 8
+    num_fewshot: int | None = checked(None, at_least=0)
+    limit: float | None = checked(None, above=0)  # docs per task (>= 1) or a fraction; for smoke runs only
+    batch_size: int = checked(8, at_least=1)
     apply_chat_template: bool = False  # wrap lm-eval prompts in the tokenizer's Llama-2 chat template
     output: str | None = None  # directory; default <run_dir>/lm_eval
 
@@ -83,7 +84,7 @@ class InferJob:
     quant: Quant | None = None  # nf4 | fp4 | int8 | none; default: the run's peft.quant, else none
     precision: Precision = Precision.auto  # unquantized weights and compute: bf16 on GPU, fp32 on CPU
     merge_adapter: bool = False  # merge the adapter into the loaded weights (lossy on a 4/8-bit base)
-    device: str = "auto"  # auto | cpu | cuda; under accelerate each rank takes its own GPU
+    device: str = checked("auto", one_of=("auto", "cpu", "cuda"))  # under accelerate each rank takes its own GPU
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)

@@ -15,7 +15,12 @@ from enum import Enum
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from herd.config.checks import checked, eval_size_rule
 from herd.errors import ConfigError
+
+
+def max_steps_rule(value: int) -> str | None:
+    return None if value == -1 or value >= 1 else "must be >= 1, or -1 to train `epochs` epochs"
 
 
 class Quant(str, Enum):
@@ -88,13 +93,13 @@ class PeftConfig:
     double_quant: bool = True  # quantizes the quantization constants too: ~0.4 bit/param saved
     # dtype the 4-bit weights are dequantized to for matmuls; auto = the run's precision (bf16 on GPU,
     # fp32 on CPU, where bf16 matmuls are emulated and slower without avx512_bf16)
-    compute_dtype: str = "auto"
+    compute_dtype: str = checked("auto", one_of=("auto", "bfloat16", "float16", "float32"))
     # Storage dtype of packed 4-bit weights. FSDP/ZeRO-3 shard flat tensors of one dtype, so there it must
     # equal the param dtype; auto = the param dtype under fsdp/zero3, uint8 otherwise.
-    quant_storage: str = "auto"
-    r: int = 16  # LoRA rank: higher adds capacity and memory
-    alpha: int = 32  # LoRA scale is alpha / r
-    dropout: float = 0.05
+    quant_storage: str = checked("auto", one_of=("auto", "uint8", "bfloat16", "float16", "float32"))
+    r: int = checked(16, at_least=1)  # LoRA rank: higher adds capacity and memory
+    alpha: int = checked(32, at_least=1)  # LoRA scale is alpha / r
+    dropout: float = checked(0.05, at_least=0, below=1)
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # QLoRA: every linear layer
 
 
@@ -106,26 +111,26 @@ class DataConfig:
     field: str = "text"  # column holding the text (guanaco, llama2) or the message list (messages)
     split: str = "train"  # split of a hub data set to read
     system_prompt: str | None = None  # added to conversations that have none
-    max_samples: int | None = None  # seeded subset taken before the split (1000, 10000, ...)
-    eval_size: float = 0.05  # fraction (<1) or count (>=1) of samples held out for evaluation
-    max_seq_len: int = 1024  # tokens; longer conversations are bad rows ("too_long")
+    max_samples: int | None = checked(None, at_least=1)  # seeded subset taken before the split (1000, 10000, ...)
+    eval_size: float = checked(0.05, rule=eval_size_rule)  # fraction (<1) or count (>=1) of samples held out for evaluation
+    max_seq_len: int = checked(1024, at_least=8)  # tokens; longer conversations are bad rows ("too_long")
     assistant_only_loss: bool = True  # loss on assistant tokens only; False trains on the whole text
     bad_rows: BadRows = BadRows.skip
-    seed: int = 42  # for the subset and the split
+    seed: int = checked(42, at_least=0)  # for the subset and the split
     cache_dir: str = ".herd/cache/tokenized"  # tokenized data, keyed by a fingerprint of inputs
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = -1  # optimizer steps; -1 runs `epochs` epochs
-    epochs: float = 1.0
-    global_batch_size: int = 16  # sequences per optimizer step, over all processes
-    micro_batch_size: int = 4  # sequences per device per forward; accumulation is derived
-    learning_rate: float = 2e-4
+    max_steps: int = checked(-1, rule=max_steps_rule)  # optimizer steps; -1 runs `epochs` epochs
+    epochs: float = checked(1.0, above=0)  # used when max_steps is -1
+    global_batch_size: int = checked(16, at_least=1)  # sequences per optimizer step, over all processes
+    micro_batch_size: int = checked(4, at_least=1)  # sequences per device per forward; accumulation is derived
+    learning_rate: float = checked(2e-4, above=0)
     lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 0.3  # QLoRA paper's value
+    warmup_ratio: float = checked(0.03, at_least=0, below=1)  # of the total steps
+    weight_decay: float = checked(0.0, at_least=0)
+    max_grad_norm: float = checked(0.3, at_least=0)  # QLoRA paper's value
     optimizer: str = "adamw_torch"  # any transformers optim name, e.g. paged_adamw_8bit on GPU
     # Recomputes each layer's forward in backward to keep only its input: less activation memory, more compute.
     # null (auto): off when the memory plan without it fits in 90% of the device (measured 1.2-1.3x faster
@@ -136,13 +141,13 @@ class TrainConfig:
     # attention inside each conversation): no compute spent on pad tokens.
     packing: bool = False
     precision: Precision = Precision.auto
-    logging_steps: int = 5
-    eval_steps: int = 50
-    save_steps: int = 50
-    save_total_limit: int = 3  # checkpoints kept
+    logging_steps: int = checked(5, at_least=1)
+    eval_steps: int = checked(50, at_least=1)
+    save_steps: int = checked(50, at_least=1)
+    save_total_limit: int = checked(3, at_least=1)  # checkpoints kept
     eval_before_train: bool = True  # a baseline eval loss to compare against
-    seed: int = 42
-    dataloader_num_workers: int = 0
+    seed: int = checked(42, at_least=0)
+    dataloader_num_workers: int = checked(0, at_least=0)
 
 
 @dataclass
@@ -151,7 +156,7 @@ class StrategyConfig:
     cpu_offload: bool = False  # fsdp: parameters and optimizer states in CPU RAM between uses
     # fsdp: only rank 0 reads the checkpoint, the others receive shards (70B would need 8x CPU RAM otherwise)
     cpu_ram_efficient_loading: bool = True
-    zero_stage: int = 0  # DeepSpeed ZeRO stage (2 or 3) for zero2/zero3/zero3_offload, else 0
+    zero_stage: int = checked(0, one_of=("0", "2", "3"))  # DeepSpeed ZeRO stage (2 or 3) for zero2/zero3/zero3_offload, else 0
     offload_optimizer: bool = False  # DeepSpeed: optimizer states to CPU
     offload_params: bool = False  # DeepSpeed ZeRO-3: parameters to CPU
     # single only: "auto" (or balanced, balanced_low_0, sequential) spreads the layers of one model over all
@@ -186,10 +191,10 @@ class TrainJob:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     strategy: StrategyConfig = MISSING
     output_dir: str = MISSING  # the run directory: adapter, tokenizer, config, checkpoints, metrics
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = checked("auto", one_of=("auto", "cpu", "cuda"))
     plan: bool = False  # print the per-GPU memory plan and the launch commands, then exit (loads no weights)
     # GB per GPU to plan for; None reads it from the GPU. Set it to plan for a cluster's GPUs from a laptop.
-    device_memory_gb: float | None = None
+    device_memory_gb: float | None = checked(None, above=0)
     force: bool = False  # launch even when the plan says the job does not fit
 
 

@@ -11,10 +11,12 @@ import logging
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 from transformers import TrainerCallback
 
+from herd.errors import HerdError
 from herd.paths import share_per_umask
 from herd.rundir import ADAPTER_DIR, METRICS
 from herd.training.faults import kill_self
@@ -33,10 +35,36 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 def last_complete_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint; incomplete newer ones are reported and skipped."""
     for step, path in reversed(checkpoints(run_dir)):
-        if (path / COMPLETE).exists():
+        if not (path / COMPLETE).exists():
+            log.warning("skipping incomplete checkpoint %s (no %s marker: interrupted while saving)", path, COMPLETE)
+            print(f"herd: skipping incomplete checkpoint {path.name} (interrupted while saving)", flush=True)
+            continue
+        problem = unreadable(path)
+        if problem is None:
             return path
-        log.warning("skipping incomplete checkpoint %s (no %s marker: interrupted while saving)", path, COMPLETE)
-        print(f"herd: skipping incomplete checkpoint {path.name} (interrupted while saving)", flush=True)
+        print(f"herd: skipping checkpoint {path.name}: {problem}; falling back to an older one", flush=True)
+    return None
+
+
+def unreadable(checkpoint: Path) -> str | None:
+    """Why a complete-marked checkpoint cannot be loaded (a disk error or an edit after saving), or None.
+    Reads headers only: trainer_state.json, each safetensors header, each torch zip archive's directory."""
+    try:
+        checkpoint_steps(checkpoint)
+    except (OSError, ValueError, KeyError) as error:
+        return f"trainer_state.json unreadable ({type(error).__name__})"
+    from safetensors import safe_open
+
+    for path in sorted(checkpoint.rglob("*")):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt") as handle:
+                    handle.keys()
+            elif path.suffix in (".pt", ".bin", ".pth") and path.is_file():
+                with zipfile.ZipFile(path):
+                    pass
+        except Exception as error:  # noqa: BLE001 - any failure to read a header means "cannot load"
+            return f"{path.relative_to(checkpoint)} unreadable ({type(error).__name__})"
     return None
 
 
@@ -59,8 +87,15 @@ def resume_point(run_dir: Path, max_steps: int) -> tuple[Path | None, list[Path]
     The newest complete checkpoint, unless training was already over there: the trainer always runs one
     more step after resuming, even from the last step (transformers 5.23: max_steps 8 resumed from
     checkpoint-8 ends at step 9). A final checkpoint is passed over for the newest complete one before it;
-    resume is exact, so replaying the last steps gives the same result. The passed-over checkpoints must
-    be discarded before training rewrites them (discard_checkpoints)."""
+    resume is exact, so replaying the last steps gives the same result. The passed-over checkpoints are set
+    aside (set_aside), never deleted, until the replay saves a newer complete one. Checkpoints past
+    max_steps are refused: resuming would have to throw their steps away."""
+    past = [path for step, path in checkpoints(run_dir) if max_steps > 0 and step > max_steps
+            and (path / COMPLETE).exists()]
+    if past:
+        raise HerdError(f"{run_dir} has checkpoints past train.max_steps={max_steps} (newest: {past[-1].name}); "
+                        f"resuming would discard them: set train.max_steps >= {checkpoints_step(past[-1])} "
+                        "or give a new output_dir")
     resume = last_complete_checkpoint(run_dir)
     if resume is None or not is_final(resume, max_steps):
         return resume, []
@@ -73,10 +108,25 @@ def resume_point(run_dir: Path, max_steps: int) -> tuple[Path | None, list[Path]
     return resume, final
 
 
-def discard_checkpoints(paths: list[Path]) -> None:
+def checkpoints_step(path: Path) -> int:
+    return int(_CHECKPOINT.match(path.name).group(1))
+
+
+SUPERSEDED = "superseded-step-"  # not "checkpoint-*": the trainer's checkpoint rotation must not see it
+
+
+def set_aside(paths: list[Path]) -> None:
+    """Move passed-over checkpoints out of the trainer's way (it would rewrite them in place, under their old
+    complete marker); they are deleted only once a newer complete checkpoint supersedes them."""
     for path in paths:
-        (path / COMPLETE).unlink(missing_ok=True)  # never a complete-marked, half-rewritten checkpoint
-        shutil.rmtree(path, ignore_errors=True)
+        path.rename(path.with_name(f"{SUPERSEDED}{checkpoints_step(path)}"))
+
+
+def discard_superseded(run_dir: Path, up_to_step: int) -> None:
+    """Delete set-aside checkpoints of steps <= up_to_step: a complete checkpoint at that step now exists."""
+    for path in Path(run_dir).glob(f"{SUPERSEDED}*"):
+        if path.name.removeprefix(SUPERSEDED).isdigit() and int(path.name.removeprefix(SUPERSEDED)) <= up_to_step:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def finished_run(run_dir: Path, max_steps: int) -> dict | None:
@@ -105,4 +155,5 @@ class CompleteMarker(TrainerCallback):
         if self.state.is_main_process and checkpoint.is_dir():
             share_per_umask(checkpoint)
             (checkpoint / COMPLETE).write_text(f"{state.global_step}\n")
+            discard_superseded(self.run_dir, state.global_step)
         self.state.wait_for_everyone()

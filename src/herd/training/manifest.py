@@ -7,7 +7,7 @@ import os
 import platform
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from herd.paths import REPO_ROOT
@@ -72,7 +72,7 @@ def environment_knobs() -> dict[str, str]:
 def build_manifest(resolved_config: dict, world_size: int, strategy: str, distributed_type: str) -> dict:
     sha = _git("rev-parse", "HEAD")
     return {
-        "created": datetime.now(timezone.utc).isoformat(),
+        "created": datetime.now(UTC).isoformat(),
         "config": resolved_config,
         "git": {"sha": sha, "dirty": bool(_git("status", "--porcelain")) if sha else None},
         "packages": _versions(),

@@ -1,6 +1,8 @@
-"""Preemption and time limits: SIGUSR1 -> a complete checkpoint at the next optimizer step -> exit 124.
+"""Preemption, time limits and interrupts: a signal -> a complete checkpoint at the next optimizer step -> exit.
 
-SLURM (slurm/train.sbatch) sends SIGUSR1 to every rank some minutes before the time limit or on preemption.
+SLURM (slurm/train.sbatch) sends SIGUSR1 to every rank some minutes before the time limit or on preemption;
+SIGTERM (a plain scancel, a node draining, `kill`) and SIGINT (Ctrl-C) are treated alike, so a run stopped any
+of these ways resumes from the step it reached. A second SIGINT stops at once (Python's KeyboardInterrupt).
 The handler only sets a flag; at the end of each optimizer step the ranks agree (an all-reduce of the flag:
 each rank may see the signal before a different step) to save a checkpoint and stop together. The recipe then
 exits with PREEMPTED_EXIT, the batch script requeues the job, and the requeued job resumes from that
@@ -19,18 +21,29 @@ from transformers import TrainerCallback
 from herd.dist import close_process_group, rank
 
 PREEMPTED_EXIT = 124  # the batch script requeues on this status (or whenever it forwarded a USR1)
+INTERRUPTED_EXIT = 130  # Ctrl-C: the shell's status for SIGINT; not requeued
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 class Preemption(TrainerCallback):
     """Create it before loading the model, so that a signal arriving during loading is not lost."""
 
-    def __init__(self, signum: int = signal.SIGUSR1) -> None:
-        self.requested = False  # this rank got the signal
+    def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS) -> None:
+        self.requested = False  # this rank got a signal
+        self.interrupted = False  # ... and it was Ctrl-C
         self.stopped = False  # training stopped for it, after a checkpoint
-        signal.signal(signum, self._on_signal)
+        for signum in signals:
+            signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
-        self.requested = True  # only a flag: the handler may run between any two bytecodes
+        if signum == signal.SIGINT:
+            if self.interrupted:
+                raise KeyboardInterrupt  # the second Ctrl-C: stop now, without a checkpoint
+            self.interrupted = True
+            if rank() == 0:
+                print("herd: interrupted: saving a checkpoint after this step, then stopping "
+                      "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        self.requested = True  # otherwise only a flag: the handler may run between any two bytecodes
 
     def _any_rank_requested(self, device) -> bool:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -49,11 +62,14 @@ class Preemption(TrainerCallback):
         return control
 
     def exit_if_stopped(self) -> None:
-        """After trainer.train(): once every rank has finished saving, exit with PREEMPTED_EXIT."""
+        """After trainer.train(): once every rank has finished saving, exit with PREEMPTED_EXIT (requeued
+        by the batch script), or INTERRUPTED_EXIT after Ctrl-C."""
         if not self.stopped:
             return
         close_process_group()  # waits until every rank has saved; a clean end, as after a finished run
+        status = INTERRUPTED_EXIT if self.interrupted else PREEMPTED_EXIT
         if rank() == 0:
-            print(f"herd: checkpoint saved after the preemption signal; exiting with {PREEMPTED_EXIT} for the job "
-                  "to be requeued", flush=True)
-        sys.exit(PREEMPTED_EXIT)
+            print(f"herd: checkpoint saved after the stop signal; exiting with {status}"
+                  + ("" if self.interrupted else " for the job to be requeued")
+                  + "; the same command resumes", flush=True)
+        sys.exit(status)

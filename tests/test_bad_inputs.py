@@ -1,0 +1,159 @@
+"""The bad-input corpus: every case is a command a user could type, the exit code it must end with, and the
+words its one line must hold. Config-time cases run the real entrypoints in this process (they are refused
+before anything loads; `--cfg job` makes a case that wrongly passes print its config instead of training).
+"""
+
+import importlib
+import sys
+
+import pytest
+
+from herd import slurm
+
+TRAIN_CONFIG = [
+    # (overrides, words in the one line)
+    ("train.micro_batch_size=0", "train.micro_batch_size=0: must be >= 1"),
+    ("train.micro_batch_size=-1", "train.micro_batch_size=-1: must be >= 1"),
+    ("train.global_batch_size=0", "train.global_batch_size=0: must be >= 1"),
+    ("peft.r=0", "peft.r=0: must be >= 1"),
+    ("peft.r=-4", "peft.r=-4: must be >= 1"),
+    ("peft.alpha=0", "peft.alpha=0: must be >= 1"),
+    ("peft.dropout=1", "peft.dropout=1.0: must be < 1"),
+    ("peft.dropout=1.5", "peft.dropout=1.5: must be < 1"),
+    ("peft.dropout=-0.1", "peft.dropout=-0.1: must be >= 0"),
+    ("train.learning_rate=0", "train.learning_rate=0.0: must be > 0"),
+    ("train.learning_rate=-1e-4", "train.learning_rate=-0.0001: must be > 0"),
+    ("train.learning_rate=nan", "train.learning_rate=nan: must be a number"),
+    ("train.warmup_ratio=-0.1", "train.warmup_ratio=-0.1: must be >= 0"),
+    ("train.warmup_ratio=1.0", "train.warmup_ratio=1.0: must be < 1"),
+    ("train.weight_decay=-1", "train.weight_decay=-1.0: must be >= 0"),
+    ("train.max_grad_norm=-1", "train.max_grad_norm=-1.0: must be >= 0"),
+    ("train.max_steps=0", "train.max_steps=0: must be >= 1, or -1"),
+    ("train.max_steps=-2", "train.max_steps=-2: must be >= 1, or -1"),
+    ("train.epochs=0", "train.epochs=0.0: must be > 0"),
+    ("train.epochs=-1", "train.epochs=-1.0: must be > 0"),
+    ("train.logging_steps=0", "train.logging_steps=0: must be >= 1"),
+    ("train.eval_steps=0", "train.eval_steps=0: must be >= 1"),
+    ("train.save_steps=0", "train.save_steps=0: must be >= 1"),
+    ("train.save_total_limit=0", "train.save_total_limit=0: must be >= 1"),
+    ("train.seed=-1", "train.seed=-1: must be >= 0"),
+    ("train.dataloader_num_workers=-1", "train.dataloader_num_workers=-1: must be >= 0"),
+    ("data.eval_size=-0.5", "data.eval_size=-0.5: must be a fraction in [0, 1) or a whole count"),
+    ("data.eval_size=1.5", "data.eval_size=1.5: above 1 it is a count of samples and must be whole"),
+    ("data.max_seq_len=0", "data.max_seq_len=0: must be >= 8"),
+    ("data.max_seq_len=4", "data.max_seq_len=4: must be >= 8"),
+    ("data.max_samples=0", "data.max_samples=0: must be >= 1"),
+    ("data.seed=-1", "data.seed=-1: must be >= 0"),
+    ("peft.compute_dtype=fp8", "peft.compute_dtype=fp8: 'fp8' is not one of: auto, bfloat16"),
+    ("peft.quant_storage=int4", "peft.quant_storage=int4: 'int4' is not one of: auto, uint8"),
+    ("strategy.zero_stage=1", "strategy.zero_stage=1: '1' is not one of: 0, 2, 3"),
+    ("strategy.zero_stage=4", "strategy.zero_stage=4: '4' is not one of: 0, 2, 3"),
+    ("device=tpu", "device=tpu: 'tpu' is not one of: auto, cpu, cuda"),
+    ("device=gpu", "device=gpu: 'gpu' is not one of: auto, cpu, cuda"),
+    ("device_memory_gb=0", "device_memory_gb=0.0: must be > 0"),
+    ("device_memory_gb=-8", "device_memory_gb=-8.0: must be > 0"),
+    ("train.lr=1e-4", "unknown key 'train.lr'; allowed keys: max_steps"),
+    ("model.foo=1", "unknown key 'model.foo'; allowed keys: name, path"),
+    ("+train.bar=1", "unknown key 'train.bar'"),
+    ("+top_level=1", "unknown key 'top_level'"),
+    ("model=llama3", "unknown option 'llama3' for 'model'; allowed: llama2-13b"),
+    ("strategy=fsdp2", "unknown option 'fsdp2' for 'strategy'; allowed: ddp, fsdp"),
+    ("data=nope", "unknown option 'nope' for 'data'"),
+    ("peft=dora", "unknown option 'dora' for 'peft'; allowed: lora, qlora"),
+    ("tracking=mlflow", "unknown option 'mlflow' for 'tracking'"),
+    ("experiment=nope", "unknown option 'nope' for 'experiment'"),
+    ("train.max_steps=abc", "invalid value for 'train.max_steps'"),
+    ("train.learning_rate=fast", "invalid value for 'train.learning_rate'"),
+    ("peft.r=1.5", "invalid value for 'peft.r'"),
+    ("train.packing=maybe", "invalid value for 'train.packing'"),
+    ("peft.quant=int4", "invalid value for 'peft.quant'"),
+    ("data.format=csv", "invalid value for 'data.format'"),
+    ("data.bad_rows=ignore", "invalid value for 'data.bad_rows'"),
+    ("train.precision=fp16", "invalid value for 'train.precision'"),
+    ("strategy.name=pipeline", "invalid value for 'strategy.name'"),
+    ("train.learning_rate=1e-4,2e-4", "is a sweep; add --multirun (-m)"),
+]
+
+INFER_CONFIG = [
+    ("infer.generate", "generate.max_new_tokens=0", "generate.max_new_tokens=0: must be >= 1"),
+    ("infer.generate", "generate.max_new_tokens=-5", "generate.max_new_tokens=-5: must be >= 1"),
+    ("infer.generate", "generate.temperature=-1", "generate.temperature=-1.0: must be >= 0"),
+    ("infer.generate", "generate.top_p=0", "generate.top_p=0.0: must be > 0"),
+    ("infer.generate", "generate.top_p=1.5", "generate.top_p=1.5: must be <= 1"),
+    ("infer.generate", "generate.batch_size=0", "generate.batch_size=0: must be >= 1"),
+    ("infer.generate", "generate.seed=-1", "generate.seed=-1: must be >= 0"),
+    ("infer.generate", "generate.foo=1", "unknown key 'generate.foo'"),
+    ("infer.generate", "generate.split=test", "invalid value for 'generate.split'"),
+    ("infer.evaluate", "evaluate.batch_size=0", "evaluate.batch_size=0: must be >= 1"),
+    ("infer.evaluate", "device=tpu", "device=tpu: 'tpu' is not one of: auto, cpu, cuda"),
+    ("infer.evaluate", "precision=fp16", "invalid value for 'precision'"),
+    ("infer.evaluate", "quant=int4", "invalid value for 'quant'"),
+    ("infer.merge", "merge.tolerance=0", "merge.tolerance=0.0: must be > 0"),
+    ("infer.merge", "merge.tolerance=-1", "merge.tolerance=-1.0: must be > 0"),
+    ("infer.lm_eval", "lm_eval.limit=0", "lm_eval.limit=0.0: must be > 0"),
+    ("infer.lm_eval", "lm_eval.num_fewshot=-1", "lm_eval.num_fewshot=-1: must be >= 0"),
+    ("infer.lm_eval", "lm_eval.batch_size=0", "lm_eval.batch_size=0: must be >= 1"),
+    ("infer.chat", "chat.max_new_tokens=0", "chat.max_new_tokens=0: must be >= 1"),
+    ("infer.chat", "chat.top_p=2", "chat.top_p=2.0: must be <= 1"),
+    ("infer.generate", "model.path=x", "cannot set 'model.path': 'model' is not chosen"),
+    ("infer.generate", "model=llama3", "unknown option 'llama3' for 'model'"),
+]
+
+CLUSTER_CONFIG = [
+    ("cluster.nodes=0", "cluster.nodes=0: must be >= 1"),
+    ("cluster.nodes=-2", "cluster.nodes=-2: must be >= 1"),
+    ("cluster.gpus_per_node=-1", "cluster.gpus_per_node=-1: must be >= 0"),
+    ("cluster.procs_per_node=0", "cluster.procs_per_node=0: must be >= 1"),
+    ("cluster.cpus_per_task=-2", "cluster.cpus_per_task=-2: must be >= 1"),
+    ("cluster.cpus_per_task=0", "cluster.cpus_per_task=0: must be >= 1"),
+    ("cluster.array_parallelism=0", "cluster.array_parallelism=0: must be >= 1"),
+    ("cluster.time=abc", "cluster.time=abc: is not a SLURM time limit"),
+    ("cluster.time=1:2:3:4", "cluster.time=1:2:3:4: is not a SLURM time limit"),
+    ("cluster.signal_seconds=-5", "cluster.signal_seconds=-5: must be >= 0"),
+    ("cluster=nope", "unknown option 'nope' for 'cluster'"),
+    ("cluster.foo=1", "unknown key 'cluster.foo'"),
+    ("cluster.nodes=two", "invalid value for 'cluster.nodes'"),
+]
+
+
+def run_entry(entry: str, args: list[str], capsys, monkeypatch) -> tuple[int, list[str]]:
+    """Run `python -m <entry> <args>` in this process; its exit code and its non-empty stderr lines."""
+    monkeypatch.setattr(sys, "argv", [entry, *args])
+    main = importlib.import_module(entry if entry != "train" else "train.__main__").main
+    try:
+        main()
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def assert_one_line_refusal(code: int, lines: list[str], words: str) -> None:
+    assert code == 2, lines
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("herd: ") and words in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("override, words", TRAIN_CONFIG, ids=[case[0] for case in TRAIN_CONFIG])
+def test_train_refuses_a_bad_config_in_one_line(override, words, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    code, lines = run_entry("train", [override, "--cfg", "job"], capsys, monkeypatch)
+    assert_one_line_refusal(code, lines, words)
+    assert not any(tmp_path.iterdir()), "a refused launch wrote files"
+
+
+@pytest.mark.parametrize("entry, override, words", INFER_CONFIG, ids=[f"{c[0]}-{c[1]}" for c in INFER_CONFIG])
+def test_infer_refuses_a_bad_config_in_one_line(entry, override, words, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    code, lines = run_entry(entry, ["run_dir=runs/none", override, "--cfg", "job"], capsys, monkeypatch)
+    assert_one_line_refusal(code, lines, words)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("override, words", CLUSTER_CONFIG, ids=[case[0] for case in CLUSTER_CONFIG])
+def test_slurm_render_refuses_a_bad_cluster_in_one_line(override, words, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    code = slurm.main(["render", "cluster=local", override, f"output_dir={tmp_path / 'run'}"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert_one_line_refusal(code, lines, words)
+    assert not (tmp_path / "run").exists()
