@@ -4,6 +4,8 @@ before anything loads; `--cfg job` makes a case that wrongly passes print its co
 """
 
 import importlib
+import json
+import os
 import sys
 
 import pytest
@@ -157,3 +159,81 @@ def test_slurm_render_refuses_a_bad_cluster_in_one_line(override, words, capsys,
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert_one_line_refusal(code, lines, words)
     assert not (tmp_path / "run").exists()
+
+
+# ---- refused inside the task, before anything is written: real processes ---------------------------------
+
+
+def bad_files(tmp_path):
+    (tmp_path / "latin.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    (tmp_path / "columns.jsonl").write_text('{"a": 1}\n{"b": 2}\n')
+    run = tmp_path / "damaged"
+    run.mkdir()
+    (run / "herd_run.json").write_text("{broken")
+    return tmp_path
+
+
+TASK_CASES = [
+    # (module, overrides (with {tmp}), words, paths that must not exist afterwards)
+    ("train", ["data=jsonl", "data.path={tmp}/missing.jsonl"], "data.path={tmp}/missing.jsonl: no such file", ["run"]),
+    ("train", ["data=jsonl", "data.path={tmp}"], "is a directory, expected a file", ["run"]),
+    ("train", ["data=jsonl", "data.path={tmp}/latin.jsonl"], "not UTF-8 text (line 1", ["run"]),
+    ("train", ["data=jsonl", "data.path={tmp}/columns.jsonl"],
+     ("only 0 usable samples after dropping bad rows (missing_field=2). First bad rows: missing_field: line 1: "
+      "row has no 'messages' field (data.field); its fields: a"), ["run"]),
+    ("train", ["train.optimizer=adamw_foo"], "train.optimizer=adamw_foo is not one transformers accepts", ["run"]),
+    ("train", ["model.attn_implementation=fast"], "model.attn_implementation=fast is not one transformers accepts",
+     ["run"]),
+    ("train", ["peft.target_modules=[qkv]"], ("peft.target_modules: qkv name no linear layer of tiny; allowed: "
+                                              "all-linear, down_proj"), ["run"]),
+    ("infer.evaluate", ["run_dir={tmp}/damaged"], "herd_run.json is damaged", []),
+    ("infer.evaluate", ["run_dir={tmp}/nothere"], "is not a finished herd training run", []),
+]
+
+
+@pytest.mark.parametrize("module, overrides, words, absent", TASK_CASES,
+                         ids=[f"{c[0]}-{c[1][-1].split('=')[0]}-{i}" for i, c in enumerate(TASK_CASES)])
+def test_refused_in_the_task_in_one_line_with_nothing_written(module, overrides, words, absent, tmp_path,
+                                                              tiny_model_dir):
+    from tests.conftest import FAST_TRAIN, run_module
+
+    tmp = bad_files(tmp_path)
+    args = [o.format(tmp=tmp) for o in overrides]
+    if module == "train":
+        args = [*FAST_TRAIN, *args, "train.max_steps=1", f"output_dir={tmp / 'run'}"]
+    result = run_module(module, *args, check=False)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("herd: ")]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert words.format(tmp=tmp) in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not any((tmp / path).exists() for path in absent)
+
+
+def test_a_second_launch_into_a_run_directory_in_use_is_refused(tmp_path, tiny_model_dir):
+    from herd.training.run_lock import RunLock
+    from tests.conftest import FAST_TRAIN, run_module
+
+    run_dir = tmp_path / "run"
+    holder = RunLock(run_dir)
+    holder.acquire()  # this test process plays the launch that is still training
+    try:
+        result = run_module("train", *FAST_TRAIN, "train.max_steps=1", f"output_dir={run_dir}", check=False)
+    finally:
+        holder.release()
+    assert result.returncode == 2
+    assert f"herd: run directory {run_dir} is in use by pid {os.getpid()}" in result.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == [], "the refused launch wrote into the run directory"
+
+
+def test_checkpoints_past_max_steps_are_kept_and_the_rerun_refused(tmp_path, tiny_model_dir):
+    from tests.conftest import FAST_TRAIN, run_module
+
+    run_dir = tmp_path / "run"
+    checkpoint = run_dir / "checkpoint-10"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 10, "max_steps": 10}))
+    (checkpoint / "herd-complete").write_text("10\n")
+    result = run_module("train", *FAST_TRAIN, "train.max_steps=4", f"output_dir={run_dir}", check=False)
+    assert result.returncode == 2
+    assert "has checkpoints past train.max_steps=4 (newest: checkpoint-10)" in result.stderr
+    assert (checkpoint / "trainer_state.json").exists() and not (run_dir / "config.yaml").exists()

@@ -75,6 +75,16 @@ class RunSetup:
 
 
 @dataclass
+class Data:
+    """The tokenizer and the tokenized splits, with the report of what was dropped."""
+
+    tokenizer: object
+    train: object
+    eval: object | None
+    report: DataReport
+
+
+@dataclass
 class Built:
     """What the build phase hands to training and finishing."""
 
@@ -98,12 +108,15 @@ def run(cfg: DictConfig) -> RunResult | None:
         return already_finished(setup)
     lock = lock_run_dir(setup)
     try:
+        data = load_data(setup)  # before anything is written: bad data leaves the run directory as it was
         prepare_run_dir(setup, cfg)
-        built = build(setup, cfg, preemption)
+        built = build(setup, cfg, preemption, data)
         return train_and_finish(setup, cfg, built, preemption)
     finally:
         if lock is not None:
             lock.release()
+            if not any(setup.run_dir.iterdir()):  # only the lock was ever there: leave no empty run behind
+                setup.run_dir.rmdir()
 
 
 def resolve(job: TrainJob) -> RunSetup | None:
@@ -114,6 +127,7 @@ def resolve(job: TrainJob) -> RunSetup | None:
     world_size = dist.world_size()
     strategy.check_compatibility(job, world_size, dtype, device)
     location = model_location(job.model)
+    check_inputs(job, location)
     device_bytes = device_memory_bytes(job, device)
     settings, plan = plan_job(job, world_size, location, device_bytes)
     checkpointing = ("on" if settings.gradient_checkpointing else "off") + (
@@ -124,7 +138,6 @@ def resolve(job: TrainJob) -> RunSetup | None:
         print("launch with:\n  " + "\n  ".join(launch_commands(world_size)), flush=True)
         return None
     check_fits(job, settings, plan, location, device_bytes)
-    check_inputs(job, location)
     state = strategy.start_processes(job, device)
     accumulation = gradient_accumulation(job.train.global_batch_size, job.train.micro_batch_size,
                                          state.num_processes)
@@ -189,15 +202,20 @@ def prepare_run_dir(setup: RunSetup, cfg: DictConfig) -> None:
               flush=True)
 
 
-def build(setup: RunSetup, cfg: DictConfig, preemption: Preemption) -> Built:
-    """Tokenizer and data, training arguments, model and trainer; the run's manifest written."""
-    job, state = setup.job, setup.state
-    tokenizer = load_tokenizer(job.model, setup.location)
-    with state.main_process_first():  # rank 0 tokenizes and caches; the others read its cache
-        train_data, eval_data, report = load_splits(job.data, tokenizer)
-    if state.is_main_process:
+def load_data(setup: RunSetup) -> Data:
+    """The tokenizer and the tokenized splits (rank 0 tokenizes and caches; the others read its cache)."""
+    tokenizer = load_tokenizer(setup.job.model, setup.location)
+    with setup.state.main_process_first():
+        train_data, eval_data, report = load_splits(setup.job.data, tokenizer)
+    if setup.state.is_main_process:
         print(report.summary(), flush=True)
+    return Data(tokenizer, train_data, eval_data, report)
 
+
+def build(setup: RunSetup, cfg: DictConfig, preemption: Preemption, data: Data) -> Built:
+    """Training arguments, model and trainer; the run's manifest written."""
+    job, state = setup.job, setup.state
+    tokenizer, train_data, eval_data, report = data.tokenizer, data.train, data.eval, data.report
     # The arguments come before the model: under ZeRO-3 they switch on sharded loading (zero.Init).
     args = training_arguments(job, setup.run_dir, setup.dtype, setup.accumulation, has_eval=eval_data is not None,
                               gradient_checkpointing=setup.gradient_checkpointing, strategy_setup=setup.strategy)

@@ -32,17 +32,14 @@ from herd.inference import (
     resolve_source,
     start_processes,
 )
-from herd.paths import resolve_path
+from herd.paths import user_file
 
 
 def collect_prompts(job: InferJob, source: Source, tokenizer) -> tuple[str, list, list[list[dict]], list]:
     """(name, ids, prompt conversations, reference answers) from generate.prompts or a data split."""
     g = job.generate
     if g.prompts:
-        try:
-            path = resolve_path(g.prompts)
-        except FileNotFoundError as error:
-            raise DataError(f"generate.prompts: {error}") from None
+        path = user_file(g.prompts, "generate.prompts", text=True)
         pairs = read_prompts(path, g.system_prompt)
         return path.stem, [i for i, _ in pairs], [m for _, m in pairs], [None] * len(pairs)
     if source.data_cfg is None:
@@ -95,6 +92,21 @@ def generate_missing(model, tokenizer, g, state, device, writer, done: set, rows
     return new_tokens, written
 
 
+def check_context(source: Source, tokenizer, ids: list, lengths: list[int], max_new_tokens: int) -> None:
+    """Every prompt and its answer fit the model's context window, or the run is refused before it loads."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source.location, revision=source.model_cfg.revision,
+                                        trust_remote_code=source.model_cfg.trust_remote_code)
+    context = getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length
+    too_long = [(i, n) for i, n in zip(ids, lengths) if n + max_new_tokens > context]
+    if too_long:
+        first_id, first_length = too_long[0]
+        raise DataError(f"{len(too_long)} prompt(s) do not fit the model's context of {context} tokens with "
+                        f"generate.max_new_tokens={max_new_tokens} (first: id {first_id!r}, {first_length} prompt "
+                        "tokens); shorten them or lower generate.max_new_tokens")
+
+
 def run(cfg: DictConfig) -> Path:
     job: InferJob = OmegaConf.to_object(cfg)
     g = job.generate
@@ -105,6 +117,7 @@ def run(cfg: DictConfig) -> Path:
     name, ids, conversations, references = collect_prompts(job, source, tokenizer)
     prompts = [format_llama2(messages, add_generation_prompt=True).text for messages in conversations]
     lengths = [len(ids_) for ids_ in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    check_context(source, tokenizer, ids, lengths, g.max_new_tokens)
     final = output_path(g.output, "generate.output", f"generations/{name}.jsonl", source)
     settings = {
         **source.describe(), "precision": job.precision.value, "merged": job.merge_adapter,

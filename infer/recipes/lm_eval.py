@@ -19,7 +19,7 @@ from herd.config.infer import InferJob
 from herd.dist import all_gather_objects
 from herd.errors import ConfigError
 from herd.inference import load_for_inference, output_path, resolve_source, start_processes
-from herd.paths import resolve_path
+from herd.paths import user_file
 
 
 def counting_lm(base: type) -> type:
@@ -62,10 +62,7 @@ def run(cfg: DictConfig) -> dict | None:
         raise ConfigError("lm_eval.include_defaults=false leaves no tasks; set lm_eval.include_path=<dir>")
     include_path = None
     if le.include_path:
-        try:
-            include_path = str(resolve_path(le.include_path))
-        except FileNotFoundError as error:
-            raise ConfigError(f"lm_eval.include_path: {error}") from None
+        include_path = str(user_file(le.include_path, "lm_eval.include_path", directory=True))
     task_manager = TaskManager(include_path=include_path, include_defaults=le.include_defaults)
     unknown = [task for task in le.tasks if not task_manager.match_tasks([task])]
     if unknown:

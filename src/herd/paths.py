@@ -65,8 +65,10 @@ def user_file(path: str | Path, key: str, *, directory: bool = False, suffixes: 
     try:
         resolved = resolve_path(path)
     except FileNotFoundError:
-        raise InputError(f"{key}={path}: no such {'directory' if directory else 'file'} "
-                         f"(looked in {Path.cwd()} and {REPO_ROOT})") from None
+        resolved = None
+    if resolved is None or not resolved.exists():
+        where = "" if Path(path).expanduser().is_absolute() else f" (looked in {Path.cwd()} and {REPO_ROOT})"
+        raise InputError(f"{key}={path}: no such {'directory' if directory else 'file'}{where}")
     if directory != resolved.is_dir():
         raise InputError(f"{key}={path}: is {'a file' if resolved.is_file() else 'a directory'}, "
                          f"expected a {'directory' if directory else 'file'}")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from herd.errors import ConfigError
+from herd.errors import ConfigError, InputError
 from herd.paths import atomic_write
 from herd.redaction import redact
 
@@ -64,4 +64,12 @@ def read_run_info(run_dir: str | Path) -> dict:
     path = Path(run_dir) / RUN_INFO
     if not path.exists():
         raise FileNotFoundError(f"{run_dir} is not a finished herd training run (no {RUN_INFO})")
-    return json.loads(path.read_text())
+    try:
+        info = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InputError(f"{path} is damaged ({type(error).__name__}: {error}); it records the run's base model "
+                         "and settings: restore it, or re-run the training command to rewrite it") from None
+    missing = [key for key in ("base_model", "model") if key not in (info if isinstance(info, dict) else {})]
+    if missing:
+        raise InputError(f"{path} lacks {', '.join(missing)}: not a record herd wrote; re-run the training command")
+    return info
