@@ -40,7 +40,9 @@ def test_labelled_log_probs_match_trls_kernel_across_chunks():
     torch.testing.assert_close(ours[0], trls[0], rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(ours[1], trls[1], rtol=1e-5, atol=1e-4)
     assert torch.equal(ours[2], trls[2]) and ours[2][:50].all() and not ours[2][50:].all()
-    torch.testing.assert_close(ours[3], trls[3], rtol=1e-4, atol=1e-6)
+    # Gradients are O(1); summing 1000 vocabulary terms in another order moves a cancelling element by a few
+    # 1e-6 on some CPUs' kernels (seen on this machine's Xeon: 2.1e-6 on 2 of 75,136 elements).
+    torch.testing.assert_close(ours[3], trls[3], rtol=1e-4, atol=1e-5)
 
 
 def test_labelled_log_probs_without_gradient_and_without_tokens():
