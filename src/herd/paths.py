@@ -3,7 +3,9 @@ directory, then the repo; every file a reader may look at is written atomically 
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -52,3 +54,13 @@ def atomic_write(path: str | Path, content: str | bytes) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def code_fingerprint(sources: Iterable[str | Path]) -> str:
+    """sha256 of the given source files, names and bytes: the key part of a cache that says which code made
+    it, so that changed code rebuilds the cache without anyone bumping a version number by hand."""
+    digest = hashlib.sha256()
+    for source in sources:
+        source = Path(source)
+        digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+    return digest.hexdigest()
