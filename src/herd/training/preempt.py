@@ -19,6 +19,12 @@ from transformers import TrainerCallback
 from herd.dist import close_process_group, rank
 
 PREEMPTED_EXIT = 124  # the batch script requeues on this status (or whenever it forwarded a USR1)
+_received = False  # any Preemption handler of this process got its signal
+
+
+def signal_received() -> bool:
+    """True once this process received the preemption signal (for herd.training.faults' hold)."""
+    return _received
 
 
 class Preemption(TrainerCallback):
@@ -30,7 +36,8 @@ class Preemption(TrainerCallback):
         signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
-        self.requested = True  # only a flag: the handler may run between any two bytecodes
+        global _received
+        self.requested = _received = True  # only flags: the handler may run between any two bytecodes
 
     def _any_rank_requested(self, device) -> bool:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
