@@ -124,8 +124,8 @@ def test_no_file_a_run_writes_holds_a_secret(tmp_path):
     environment and typed into free-text keys: data.system_prompt, tracking.name, tracking.tags."""
     import os
 
+    from herd.training.tracking.callback import offline_run_dirs, read_wandb_run
     from tests.conftest import OFFLINE_ENV
-    from tests.test_tracking import read_wandb_run, tracking
 
     sweep_dir, home, cache = tmp_path / "sweep", tmp_path / "wandb-home", tmp_path / "cache"
     env = {**os.environ, **OFFLINE_ENV, "HF_TOKEN": FAKE_HF_TOKEN, "WANDB_API_KEY": FAKE_WANDB_KEY,
@@ -146,7 +146,7 @@ def test_no_file_a_run_writes_holds_a_secret(tmp_path):
     for name in ("sweep/multirun.yaml", "sweep/0/config.yaml", "sweep/0/herd_run.json", "sweep/0/manifest.json",
                  "sweep/0/metrics.json", "sweep/0/metrics.jsonl", "sweep/0/wandb_run_id"):
         assert name in written, sorted(written)
-    [offline] = tracking.offline_run_dirs(run_dir)
+    [offline] = offline_run_dirs(run_dir)
     assert any(p.suffix == ".wandb" for p in offline.iterdir())
     assert not files_containing([tmp_path], SECRETS)
 
