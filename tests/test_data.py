@@ -125,3 +125,43 @@ def test_tokenization_is_cached_and_reused(messy_file, tmp_path, tiny_tokenizer,
     messy_file.write_text(messy_file.read_text() + json.dumps({"text": GOOD}) + "\n")
     load_splits(data, tiny_tokenizer)
     assert len(list((tmp_path / "cache").iterdir())) == 3
+
+
+def test_a_warm_cache_does_not_let_bad_rows_pass_under_the_error_policy(messy_file, tmp_path, tiny_tokenizer):
+    _, _, report = load_splits(config(messy_file, tmp_path), tiny_tokenizer)  # skip: cached with 6 bad rows
+    assert not report.cache_hit and sum(report.bad.values()) == 6
+    with pytest.raises(DataError, match="6 bad rows"):
+        load_splits(config(messy_file, tmp_path, bad_rows=BadRows.error), tiny_tokenizer)
+
+
+def test_changed_tokenization_code_is_a_new_cache_entry(messy_file, tmp_path, tiny_tokenizer, monkeypatch):
+    """The cache is keyed by the source of the code that tokenized (herd.data.TOKENIZATION_CODE), not by a
+    version someone has to bump: here the chat format's source changes ([/INST] -> [/INST2]), and the data is
+    tokenized again in the new format instead of the old samples being reused."""
+    import shutil
+
+    import herd.chat_format
+    import herd.data
+
+    data = config(messy_file, tmp_path)
+    original, _, _ = load_splits(data, tiny_tokenizer)
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    for source in herd.data.TOKENIZATION_CODE:
+        shutil.copy(source, changed / source.name)
+    assert herd.paths.code_fingerprint(changed / s.name for s in herd.data.TOKENIZATION_CODE) == \
+        herd.paths.code_fingerprint(herd.data.TOKENIZATION_CODE)  # the same code, the same key
+    chat_source = changed / "chat_format.py"
+    chat_source.write_text(chat_source.read_text().replace('E_INST = "[INST]", "[/INST]"',
+                                                           'E_INST = "[INST]", "[/INST2]"'))
+    assert '"[/INST2]"' in chat_source.read_text()
+    # what that source would do once imported: the formatter uses the new closing tag
+    monkeypatch.setattr(herd.data, "TOKENIZATION_CODE", tuple(changed / s.name for s in herd.data.TOKENIZATION_CODE))
+    monkeypatch.setattr(herd.chat_format, "E_INST", "[/INST2]")
+    again, _, report = load_splits(data, tiny_tokenizer)
+    assert not report.cache_hit and len(list((tmp_path / "cache").iterdir())) == 2
+    assert again["input_ids"] != original["input_ids"]
+    assert "[/INST2]" in tiny_tokenizer.decode(again["input_ids"][0])
+    monkeypatch.undo()  # the original code again: its own cache entry, still there
+    reused, _, report = load_splits(data, tiny_tokenizer)
+    assert report.cache_hit and reused["input_ids"] == original["input_ids"]

@@ -19,7 +19,6 @@ from omegaconf import OmegaConf
 
 from herd.cli import check_config
 from herd.config.infer import register_infer_schema
-from herd.dist import free_port
 from herd.errors import ConfigError, HerdError
 from tests.conftest import OFFLINE_ENV, REPO, run_module
 
@@ -36,7 +35,9 @@ def launch2(module: str, *args: str, check: bool = True, timeout: int = 600,
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()), "-m", module, *args,
+        # port 0: the launcher binds a free port itself and tells its ranks (a port picked here could be
+        # taken by another process before the launcher binds it)
+        "--main_process_port", "0", "-m", module, *args,
     ]
     env = {**os.environ, **OFFLINE_ENV, **(env or {})}  # no ACCELERATE_USE_CPU: herd sets it on CPU itself
     env.pop("ACCELERATE_USE_CPU", None)

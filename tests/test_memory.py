@@ -1,12 +1,15 @@
 """The memory planner: hand-computed Llama-2 numbers, published figures, refusals, suggestions, README table."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from herd.config.train import ModelConfig, PeftConfig, Strategy, StrategyConfig, TrainJob
 from herd.memory import (
     GB,
     KNOWN_SHAPES,
@@ -109,7 +112,9 @@ def test_torchtune_llama2_7b_qlora_single_device():
 # double quant, LoRA on all linear layers, AdamW, bf16 autocast, 3 steps on random tokens; the figure is
 # torch.cuda.max_memory_reserved() + the CUDA context (mem_get_info before the first tensor), i.e. what
 # nvidia-smi would show. (loss_impl, micro batch, seq, r, dropout, checkpointing, bytes)
-MEASURED_H100 = [
+# These are the FIT points: the planner's fitted constants (FRAGMENTATION, CUDA_CONTEXT) were derived from
+# them, so reproducing them shows the fit, not the planner's accuracy; HELD_OUT_H100 below does that.
+FIT_H100 = [
     ("full", 4, 2048, 8, 0.0, True, 12_460_032_000),
     ("full", 1, 2048, 16, 0.05, True, 7_309_426_688),
     ("full", 1, 4096, 16, 0.05, True, 9_215_737_856),
@@ -122,10 +127,17 @@ MEASURED_H100 = [
     ("chunked", 4, 4096, 16, 0.05, True, 16_264_265_728),
     ("chunked", 1, 2048, 16, 0.05, False, 21_851_078_656),
 ]
+CUDA_CONTEXT_MEASURED = 621 * 2**20  # benchmarks/results/gpu_h100_memory_calibration.json
 
 
-@pytest.mark.parametrize(("loss", "mb", "seq", "r", "dropout", "ckpt", "measured"), MEASURED_H100)
-def test_reproduces_h100_measurements(loss, mb, seq, r, dropout, ckpt, measured):
+def plan_within_bounds(plan_bytes: int, measured: int) -> bool:
+    # within -5% .. +20%: the planner should not promise memory that is not there; it errs high (up to +17%)
+    # with LoRA dropout and no checkpointing
+    return -0.05 <= plan_bytes / measured - 1 <= 0.20
+
+
+@pytest.mark.parametrize(("loss", "mb", "seq", "r", "dropout", "ckpt", "measured"), FIT_H100)
+def test_reproduces_the_h100_points_it_was_fitted_to(loss, mb, seq, r, dropout, ckpt, measured):
     plan = estimate(
         L7,
         seq_len=seq,
@@ -135,9 +147,153 @@ def test_reproduces_h100_measurements(loss, mb, seq, r, dropout, ckpt, measured)
         gradient_checkpointing=ckpt,
         loss_impl=loss,
     )
-    # within -5% .. +20%: the planner should not promise memory that is not there; it errs high (up to +17%)
-    # with LoRA dropout and no checkpointing
-    assert -0.05 <= plan.total_per_gpu_bytes / measured - 1 <= 0.20
+    assert plan_within_bounds(plan.total_per_gpu_bytes, measured)
+
+
+def held_out_h100() -> list:
+    """Peak memory of herd's whole training path on the H100 (benchmarks/bench_train.py, herd side: TRL's
+    SFTTrainer, packing, LoRA r=16 dropout 0.05 on all linear layers, checkpointing on, seq 2048), measured
+    after the calibration above and never used to fit anything. (file, micro batch, measured bytes)"""
+    points = []
+    for name in ("gpu_h100_llama2-7b_mb4.json", "gpu_h100_llama2-7b_flex_mb4.json", "gpu_h100_llama2-7b_mb8.json"):
+        record = json.loads((ROOT / "benchmarks" / "results" / name).read_text())
+        [herd] = [r for r in record["results"] if r["side"] == "herd"]
+        assert record["settings"]["seq_len"] == 2048 and record["settings"]["shape"] == "llama2-7b"
+        points.append((name, record["settings"]["micro_batch"],
+                       int(herd["peak_reserved_gb"] * GB) + CUDA_CONTEXT_MEASURED))
+    return points
+
+
+def test_held_out_points_are_not_fit_points():
+    fit = {(mb, seq, r, dropout, ckpt) for _, mb, seq, r, dropout, ckpt, _ in FIT_H100}
+    assert not fit & {(mb, 2048, 16, 0.05, True) for _, mb, _ in held_out_h100()}
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known gap, found by these held-out points (issue 18): herd's full trainer on the H100 peaks 19-28% above "
+    "the plan (13.8-14.0 GB measured vs 11.2 planned at micro batch 4, 23.2 vs 16.6 at 8; allocated, not "
+    "fragmentation: +3.1 and +6.3 GB, growing with tokens). The constants were fitted to a bare forward/"
+    "backward loop; what the trainer adds per token is unmodelled. Needs GPU measurements of the trainer's "
+    "peak to fix; when it is fixed this test passes and strict xfail fails: remove the mark."))
+@pytest.mark.parametrize("index", range(3))
+def test_predicts_held_out_h100_measurements_of_herds_trainer(index):
+    name, mb, measured = held_out_h100()[index]
+    plan = estimate(L7, seq_len=2048, micro_batch=mb)  # herd's defaults: r=16, dropout 0.05, chunked head
+    assert plan_within_bounds(plan.total_per_gpu_bytes, measured), (name, plan.total_per_gpu_bytes / measured)
+
+
+# ---- each term of each strategy, against counts written here from first principles ----------------------
+
+H, I, LAYERS, V, HEADS = 4096, 11008, 32, 32000, 32  # Llama-2-7B
+LINEARS = {"q": (H, H), "k": (H, H), "v": (H, H), "o": (H, H), "gate": (H, I), "up": (H, I), "down": (I, H)}
+WORLD, SEQ, MB, R, BF16, FP32 = 8, 2048, 1, 16, 2, 4
+
+
+def nf4_double_quant_bytes(n: int) -> int:
+    """One frozen linear of n weights as bitsandbytes stores it (Params4bit + QuantState): two 4-bit codes per
+    byte; one uint8 absmax per 64-weight block; those absmax quantized again in blocks of 256, each with an
+    fp32 absmax; an fp32 offset; the 256-entry fp32 code of that second quantization and the 16-entry fp32
+    NF4 code."""
+    blocks = math.ceil(n / 64)
+    return n // 2 + blocks + 4 * math.ceil(blocks / 256) + 4 + 256 * 4 + 16 * 4
+
+
+LAYER_WEIGHTS = sum(nf4_double_quant_bytes(a * b) for a, b in LINEARS.values())
+WEIGHTS = LAYERS * LAYER_WEIGHTS
+OTHER = BF16 * (2 * V * H + (2 * LAYERS + 1) * H)  # embed_tokens, lm_head, RMSNorms: not quantized
+LORA = LAYERS * sum(R * (a + b) for a, b in LINEARS.values())  # A: r x in, B: out x r
+ADAM = 2 * FP32  # exp_avg and exp_avg_sq per trainable parameter
+
+
+def deepspeed_reduce_buckets(strategy: str) -> int:
+    """What DeepSpeed allocates on each GPU for gradient reduction with herd's ZeRO config: with
+    contiguous_gradients, reduce_bucket_size elements of the (bf16) param dtype, double-buffered when
+    overlap_comm is on under ZeRO-2 (ZeRO-3 has one)."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from herd.training.strategy import deepspeed_config
+
+    stage = 2 if strategy == "zero2" else 3
+    offload = strategy == "zero3_offload"
+    train_job = TrainJob(model=ModelConfig(name="m", path="p"), peft=PeftConfig(), output_dir="o",
+                         strategy=StrategyConfig(name=Strategy(strategy), zero_stage=stage,
+                                                 offload_optimizer=offload, offload_params=offload))
+    zero = DeepSpeedZeroConfig(**deepspeed_config(train_job, torch.bfloat16)["zero_optimization"])
+    assert zero.contiguous_gradients
+    return zero.reduce_bucket_size * BF16 * (2 if stage == 2 and zero.overlap_comm else 1)
+
+
+def expected_terms(strategy: str) -> dict[str, int]:
+    """Per-GPU bytes of each state term: which strategy divides what by the world size."""
+    gathered = OTHER + 2 * LAYER_WEIGHTS  # FSDP keeps the root unit and two decoder layers unsharded
+    terms = {
+        "single": {"quantized linear weights": WEIGHTS, "embeddings + lm_head + norms": OTHER,
+                   "LoRA params (fp32)": LORA * FP32, "LoRA grads (fp32)": LORA * FP32,
+                   "optimizer states": LORA * ADAM},
+        # every rank a full replica, and DDP's flat gradient buckets beside the grads
+        "ddp": {"quantized linear weights": WEIGHTS, "embeddings + lm_head + norms": OTHER,
+                "LoRA params (fp32)": LORA * FP32, "LoRA grads (fp32)": LORA * FP32,
+                "optimizer states": LORA * ADAM, "DDP gradient buckets": LORA * FP32},
+        # ZeRO-2: replicated weights and params, gradients and optimizer states partitioned
+        "zero2": {"quantized linear weights": WEIGHTS, "embeddings + lm_head + norms": OTHER,
+                  "LoRA params (fp32)": LORA * FP32, "LoRA grads (fp32)": LORA * FP32 // WORLD,
+                  "optimizer states": LORA * ADAM // WORLD},
+        # FSDP / ZeRO-3: everything partitioned, plus what is gathered for compute
+        "fsdp": {"quantized linear weights": WEIGHTS // WORLD, "embeddings + lm_head + norms": OTHER // WORLD,
+                 "gathered unsharded params (root + 2 layers)": gathered,
+                 "LoRA params (fp32)": LORA * FP32 // WORLD, "LoRA grads (fp32)": LORA * FP32 // WORLD,
+                 "optimizer states": LORA * ADAM // WORLD},
+        # offload: weights, LoRA params and grads, optimizer states all in CPU RAM
+        "zero3_offload": {"quantized linear weights": 0, "embeddings + lm_head + norms": 0,
+                          "gathered unsharded params (root + 2 layers)": gathered, "LoRA params (fp32)": 0,
+                          "LoRA grads (fp32)": 0, "optimizer states": 0},
+    }
+    terms["zero3"] = dict(terms["fsdp"])
+    expected = terms[strategy]
+    if strategy in ("zero2", "zero3", "zero3_offload"):
+        expected["DeepSpeed reduce buckets"] = deepspeed_reduce_buckets(strategy)
+    return expected
+
+
+def layer_activations_per_token(dropout: bool) -> int:
+    """Bytes autograd keeps per token for one HF Llama decoder layer (SDPA, bf16 autocast), tensor by tensor."""
+    saved = {
+        "input_layernorm: fp32 upcast of its input": FP32 * H,
+        "input_layernorm output = q/k/v input": BF16 * H,
+        "q (after RoPE)": BF16 * H, "k (after RoPE)": BF16 * H, "v": BF16 * H,
+        "sdpa output": BF16 * H, "o_proj input (contiguous copy)": BF16 * H,
+        "sdpa logsumexp, fp32 per head": FP32 * HEADS,
+        "post_attention_layernorm: fp32 upcast": FP32 * H,
+        "post_attention_layernorm output = gate/up input": BF16 * H,
+        "gate": BF16 * I, "silu(gate)": BF16 * I, "up": BF16 * I, "silu(gate) * up = down input": BF16 * I,
+    }
+    for name, (fan_in, _) in LINEARS.items():
+        saved[f"LoRA {name}: A output"] = BF16 * R
+        if dropout:
+            saved[f"LoRA {name}: dropped input and its bool mask"] = BF16 * fan_in + fan_in
+    return sum(saved.values())
+
+
+NOT_STATE = ("peak transient", "allocator fragmentation", "CUDA context", "activations")
+
+
+@pytest.mark.parametrize("strategy", ["single", "ddp", "zero2", "fsdp", "zero3", "zero3_offload"])
+def test_each_term_of_each_strategy_against_an_independent_count(strategy):
+    world = 1 if strategy == "single" else WORLD
+    plan = estimate(L7, seq_len=SEQ, micro_batch=MB, world_size=world, strategy=strategy)
+    state = {k: v for k, v in plan.breakdown.items() if not k.startswith(NOT_STATE)}
+    expected = expected_terms(strategy)
+    assert sorted(state) == sorted(expected)  # no term missing, none where the strategy has none
+    for term, value in expected.items():
+        assert state[term] == pytest.approx(value, abs=WORLD), term  # integer division by the world size
+    # activations are per GPU and per micro batch whatever the strategy
+    assert plan.breakdown["activations: checkpointed layer inputs"] == LAYERS * MB * SEQ * H * BF16
+    no_ckpt = estimate(L7, seq_len=SEQ, micro_batch=MB, world_size=world, strategy=strategy,
+                       gradient_checkpointing=False).breakdown["activations: all layers"]
+    assert no_ckpt == LAYERS * MB * SEQ * layer_activations_per_token(dropout=True)
+    no_dropout = estimate(L7, seq_len=SEQ, micro_batch=MB, world_size=world, strategy=strategy,
+                          gradient_checkpointing=False, lora_dropout=0.0).breakdown["activations: all layers"]
+    assert no_dropout == LAYERS * MB * SEQ * layer_activations_per_token(dropout=False)
 
 
 def test_refuses_70b_on_one_24gb_gpu_and_suggests():

@@ -2,9 +2,9 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -208,41 +208,55 @@ def test_a_sweep_under_two_processes_runs_every_job(tmp_path, tiny_model_dir):
         assert metrics["global_step"] == 2 and metrics["distributed"]["num_processes"] == 2
 
 
-def test_a_rank_that_finished_closes_its_process_group():
+def test_a_rank_that_finished_closes_its_process_group(tmp_path):
     """Every entrypoint does this after its task succeeds (herd.cli); left to interpreter exit gloo aborted a
     finished lm-eval rank in CI."""
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+    # a file store: no port to pick and hope no other process takes first
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
                                          world_size=1)
     close_process_group()
     assert not torch.distributed.is_initialized()
     close_process_group()  # none open: nothing to do
 
 
-def test_a_rank_that_raises_ends_the_launch_quickly(tmp_path, tiny_model_dir):
-    started = time.monotonic()
+def test_a_rank_that_raises_ends_the_launch_at_once(tmp_path, tiny_model_dir):
+    """The launcher stops the rank still training as soon as the other raised, rather than leaving it blocked
+    in its next collective until the process group times out: shown by what happened (the launcher's SIGTERM
+    ended rank 0 before it finished), not by a clock. The timeout only turns a hang into a failure."""
     result = launch(tmp_path, *RESUME, "strategy=ddp", "train.max_steps=50", f"output_dir={tmp_path / 'run'}",
-                    env={"HERD_DEBUG_RAISE_ON_RANK": "1"}, timeout=120)
+                    env={"HERD_DEBUG_RAISE_ON_RANK": "1"})
     assert result.returncode != 0
     assert "herd debug fault: rank 1 raised" in result.stderr
-    assert time.monotonic() - started < 60 + 30  # 60 s after the fault; ~30 s of start-up before it
+    assert re.search(r"Sending process \d+ closing signal SIGTERM", result.stderr), result.stderr[-3000:]
+    assert re.search(r"rank\s*: 0 \(local_rank: 0\)\s+exitcode\s*: -15 ", result.stderr), result.stderr[-3000:]
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+PORT_TAKEN = re.compile(r"address already in use|EADDRINUSE|server socket has failed to (listen|bind)",
+                        re.IGNORECASE)
 
 
 def test_two_machines_on_loopback_join_one_run(tmp_path, tiny_model_dir):
-    """The command a cluster would use, one process per "machine", both on 127.0.0.1."""
-    port = free_port()
+    """The command a cluster would use, one process per "machine", both on 127.0.0.1. Both must be told one
+    port before machine 0 binds it, so another process can take it in between: then the launch is retried
+    on another port (the failure names the taken address), up to three times."""
     env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     run_dir = tmp_path / "run"
-    machines = [
-        subprocess.Popen(
-            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
-             "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
-             "--main_process_port", str(port), "--rdzv_backend", "static", "--mixed_precision", "no",
-             "--dynamo_backend", "no", "-m", "train", *RESUME, "strategy=ddp", "train.max_steps=2",
-             f"output_dir={run_dir}"],
-            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for rank in (0, 1)
-    ]
-    outputs = [machine.communicate(timeout=600)[0] for machine in machines]
+    for _attempt in range(3):
+        port = free_port()
+        machines = [
+            subprocess.Popen(
+                [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+                 "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+                 "--main_process_port", str(port), "--rdzv_backend", "static", "--mixed_precision", "no",
+                 "--dynamo_backend", "no", "-m", "train", *RESUME, "strategy=ddp", "train.max_steps=2",
+                 f"output_dir={run_dir}"],
+                cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for rank in (0, 1)
+        ]
+        outputs = [machine.communicate(timeout=600)[0] for machine in machines]
+        if not (any(m.returncode for m in machines) and PORT_TAKEN.search(outputs[0])):
+            break
     assert [m.returncode for m in machines] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     facts = json.loads((run_dir / "metrics.json").read_text())["distributed"]
     assert facts["num_processes"] == 2 and facts["distributed_type"] == "MULTI_CPU"

@@ -68,12 +68,39 @@ def test_ensure_fills_an_empty_dir_and_refuses_foreign_content(tmp_path):
     with pytest.raises(FileExistsError):
         tiny.ensure_tiny_model(tmp_path / "foreign")
     assert (tmp_path / "foreign" / "notes.txt").read_text() == "not a model"  # never deleted
-    # A build from an older recipe is refused, not silently reused.
+    # A build made by other code is rebuilt in its place, not reused.
     shutil.copytree(tmp_path / "empty", tmp_path / "stale")
-    (tmp_path / "stale" / tiny.COMPLETE_MARKER).write_text('{"build_version": 0}')
-    with pytest.raises(FileExistsError):
-        tiny.ensure_tiny_model(tmp_path / "stale")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "foreign", "stale"]
+    (tmp_path / "stale" / tiny.COMPLETE_MARKER).write_text('{"build": "made by other code"}')
+    (tmp_path / "stale" / "tokenizer.json").write_text("{}")
+    assert tiny.is_stale(tmp_path / "stale") and not tiny.is_complete(tmp_path / "stale")
+    assert tiny.ensure_tiny_model(tmp_path / "stale") == (tmp_path / "stale").resolve()
+    assert tiny.is_complete(tmp_path / "stale")
+    assert sha256(tmp_path / "stale" / "tokenizer.json") == sha256(tmp_path / "empty" / "tokenizer.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "foreign", "stale"]  # nothing left behind
+
+
+def test_changed_build_code_rebuilds_the_cached_model(tiny_path, tmp_path, monkeypatch):
+    """The build is keyed by the source of the code that makes it (tiny.BUILD_CODE), not by a version someone
+    has to bump: here the chat template's source changes, and the cached model is rebuilt with it."""
+    cached = tmp_path / "tiny"
+    shutil.copytree(tiny_path, cached)
+    assert tiny.ensure_tiny_model(cached) == cached and tiny.is_complete(cached)
+    changed = tmp_path / "code"
+    changed.mkdir()
+    for source in tiny.BUILD_CODE:
+        shutil.copy(source, changed / source.name)
+    chat_source = changed / "chat_format.py"
+    chat_source.write_text(chat_source.read_text().replace("' [/INST]'", "' [/INST2]'"))
+    assert "' [/INST2]'" in chat_source.read_text()
+    monkeypatch.setattr(tiny, "BUILD_CODE", tuple(changed / source.name for source in tiny.BUILD_CODE))
+    monkeypatch.setattr(tiny, "LLAMA2_CHAT_TEMPLATE", tiny.LLAMA2_CHAT_TEMPLATE.replace("' [/INST]'", "' [/INST2]'"))
+    assert not tiny.is_complete(cached) and tiny.is_stale(cached)
+    tiny.ensure_tiny_model(cached)
+    assert tiny.is_complete(cached)
+    from transformers import AutoTokenizer
+
+    template = AutoTokenizer.from_pretrained(cached).chat_template
+    assert "' [/INST2]'" in template  # the rebuilt tokenizer carries the changed template
 
 
 def test_losing_a_race_uses_the_winners_build(tiny_path, tmp_path, monkeypatch):

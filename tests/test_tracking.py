@@ -414,13 +414,14 @@ def test_killed_run_resumes_onto_the_same_wandb_run_id(tmp_path):
     env = launch_env(tmp_path)
     command = [sys.executable, "-m", "train", *E2E_TRAIN, f"output_dir={run_dir}"]
     # herd's fault hook SIGKILLs the run right after checkpoint-4 is complete: deterministic, unlike a
-    # kill from outside racing the (fast) training steps.
-    # The kill comes 3 s after the step: past W&B's 2 s flush interval (herd's setting), so what was logged
-    # up to step 4 must be in the killed run's file. Without the pause the race is real: a kill within 2 s
-    # of the W&B run's start left a file without even the run record (seen once in CI).
+    # kill from outside racing the (fast) training steps. It kills once W&B's file holds step 4 (W&B writes
+    # on its own schedule, 2 s by herd's setting): what was logged up to step 4 must then survive in the killed
+    # run's file. A kill without waiting left a file without even the run record (seen once in CI); a fixed
+    # sleep before the kill only made that race less likely.
     killed = subprocess.run([*command, "train.max_steps=8"], cwd=REPO, check=False,
-                            env={**env, "HERD_DEBUG_KILL_AFTER_STEP": "4", "HERD_DEBUG_KILL_DELAY_S": "3"},
+                            env={**env, "HERD_DEBUG_KILL_AFTER_STEP": "4", "HERD_DEBUG_KILL_AFTER_WANDB": "1"},
                             capture_output=True, text=True, timeout=600)
+    assert "gave up waiting" not in killed.stdout, killed.stdout[-3000:]
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     # W&B flushes every 2 s, so a SIGKILL loses its last ~2 s; the run directory's metrics.jsonl has them.
     assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r][-1] == 4

@@ -161,6 +161,26 @@ def check_config(config_name: str, overrides: list[str]) -> DictConfig:
     return cfg
 
 
+class _RedactingOmegaConf(OmegaConf):
+    """OmegaConf whose save() writes the config through herd.redaction.redact."""
+
+    @staticmethod
+    def save(config: Any, f: Any, resolve: bool = False) -> None:
+        from herd.redaction import redact
+
+        container = OmegaConf.to_container(config, resolve=resolve) if OmegaConf.is_config(config) else config
+        OmegaConf.save(OmegaConf.create(redact(container)), f)
+
+
+def redact_sweep_config() -> None:
+    """Hydra's sweeper saves the sweep's config, the command line's overrides included (e.g. a token typed
+    into data.system_prompt), to <sweep dir>/multirun.yaml before the first job: make it save through
+    redact, as every file herd writes. (hydra-core is pinned; its BasicSweeper calls OmegaConf.save.)"""
+    from hydra._internal.core_plugins import basic_sweeper
+
+    basic_sweeper.OmegaConf = _RedactingOmegaConf
+
+
 def hydra_entry(
     config_name: str, task_path: str, register: Callable[[], None] = register_train_schema,
     sweep_dir_key: str | None = None,
@@ -199,6 +219,7 @@ def hydra_entry(
                 print("herd: interrupted", file=sys.stderr)
                 sys.exit(130)
 
+        redact_sweep_config()
         hydra.main(version_base=None, config_path=str(CONF_DIR), config_name=config_name)(guarded_task)()
         # Reached only when every job succeeded (Hydra exits on a failure); after the last job of a sweep,
         # whose jobs share the launch's process group.

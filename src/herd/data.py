@@ -2,7 +2,7 @@
 
 Rows become message lists (herd.chat), are formatted in the Llama-2 chat format and tokenized once; labels
 keep only assistant tokens (answer and its `</s>`) unless `assistant_only_loss` is off. The result is cached
-on disk under a fingerprint of the data, the tokenizer and every setting that changes it.
+on disk under a fingerprint of the data, the tokenizer, every setting and the source of the code that made it.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset, load_dataset, load_from_disk
 
+from herd import chat_format
 from herd.chat_format import (
     ConversationError,
     format_llama2,
@@ -28,11 +29,13 @@ from herd.chat_format import (
 )
 from herd.config.train import BadRows, DataConfig, DataFormat
 from herd.errors import DataError
-from herd.paths import resolve_path, user_file
+from herd.paths import code_fingerprint, resolve_path, user_file
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1  # bump when tokenization logic changes, so old caches are not reused
+# The code that turns rows into cached samples: its source is part of the cache key (herd.paths.code_fingerprint),
+# so a changed format, template or mask never reuses samples made by the old code.
+TOKENIZATION_CODE = (Path(chat_format.__file__), Path(__file__))
 LOCAL_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
 BAD_EXAMPLES = 3  # bad rows shown per kind
 
@@ -190,14 +193,16 @@ def source_fingerprint(data_cfg: DataConfig) -> str:
 
 
 def cache_key(data_cfg: DataConfig, tokenizer) -> str:
+    """What made the cached samples: the data, the tokenizer, every setting (the bad-row policy too: a cache
+    written under `skip` must not let `error` pass), and the source of the code that tokenized."""
     settings = {
         k: (v.value if hasattr(v, "value") else v)
         for k, v in asdict(data_cfg).items()
-        if k not in ("name", "cache_dir", "bad_rows")
+        if k not in ("name", "cache_dir")
     }
     payload = json.dumps(
         {
-            "version": CACHE_FORMAT_VERSION,
+            "code": code_fingerprint(TOKENIZATION_CODE),
             "source": source_fingerprint(data_cfg),
             "tokenizer": tokenizer_fingerprint(tokenizer),
             "settings": settings,
@@ -313,7 +318,6 @@ def load_splits(data_cfg: DataConfig, tokenizer) -> tuple[Dataset, Dataset | Non
         log.info("reusing tokenized data from %s", cache)
         report = DataReport(**json.loads((cache / "report.json").read_text()))
         report.cache_hit = True
-        check_bad_rows(data_cfg, report, report.train + report.eval)  # the policy applies to cached data too
         return (*_read_cache(cache), report)
 
     train, evaluation, report = build_splits(data_cfg, tokenizer)

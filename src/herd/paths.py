@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import codecs
 import errno
+import hashlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from herd.errors import InputError
@@ -114,3 +116,11 @@ def describe_os_error(error: OSError) -> str:
     }
     reason = reasons.get(error.errno, error.strerror or str(error))
     return f"{reason}{where}"
+def code_fingerprint(sources: Iterable[str | Path]) -> str:
+    """sha256 of the given source files, names and bytes: the key part of a cache that says which code made
+    it, so that changed code rebuilds the cache without anyone bumping a version number by hand."""
+    digest = hashlib.sha256()
+    for source in sources:
+        source = Path(source)
+        digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+    return digest.hexdigest()

@@ -20,7 +20,9 @@ def resolved_config(cfg: DictConfig) -> dict:
 
 
 def write_json(path: Path, payload: dict) -> None:
-    atomic_write(path, json.dumps(payload, indent=2, default=str) + "\n")
+    """`payload` as JSON, redacted (herd.redaction) like every file a run writes: herd_run.json, metrics.json,
+    the manifest, infer's results."""
+    atomic_write(path, json.dumps(redact(payload), indent=2, default=str) + "\n")
 
 
 def _sweep_job():

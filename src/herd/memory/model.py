@@ -21,7 +21,8 @@ from herd.memory.shape import ALL_LINEAR, ModelShape, _targets, load_model_shape
 GB = 2**30
 # Constants measured on one H100 (torch 2.11, CUDA 13, bitsandbytes 0.50.2, transformers 5.17, PEFT 0.21) with a
 # random-init Llama-2-7B: 11 QLoRA runs (micro batch 1-4, seq 1024-4096, r 8/16, checkpointing on/off, full and
-# TRL-fused loss), listed in tests/test_memory.py::MEASURED_H100.
+# TRL-fused loss), listed in tests/test_memory.py::FIT_H100
+# (measurements kept out of the fit: held_out_h100 there).
 # CUDA context outside PyTorch's allocator (torch.cuda.mem_get_info before any tensor: 621 MiB); cuBLAS
 # workspaces come from the caching allocator and are inside "reserved".
 CUDA_CONTEXT = 650 * 2**20
@@ -37,6 +38,12 @@ OPTIMIZER_BYTES = {"adamw": 8.0, "paged_adamw_8bit": 2 + 2 * 4 / 256}  # per tra
 STRATEGIES = tuple(s.value for s in Strategy)  # the memory model takes strategies by name
 SHARDED = tuple(s.value for s in SHARDED_STRATEGIES)  # weights and LoRA states divided by world size
 TRL_TOKEN_TILE, TRL_VOCAB_TILE = 4096, 32768  # trl.kernels.chunked_logprob tile of the fused LM head
+# DeepSpeed's ZeRO gradient reduction: with contiguous_gradients (herd's config, training/strategy.py) every
+# rank allocates reduce_bucket_size elements of the communication dtype (the params', bf16 under bf16) on the
+# GPU whatever the trainable parameter count: twice under ZeRO-2 with overlap_comm (double buffering,
+# stage_1_and_2.py setup_buckets), once under ZeRO-3 (stage3.py). herd's config leaves DeepSpeed's default.
+DS_REDUCE_BUCKET = 500_000_000  # elements: deepspeed.runtime.zero.config reduce_bucket_size default
+DS_REDUCE_BUFFERS = {"zero2": 2, "zero3": 1, "zero3_offload": 1}
 
 
 def _weight_bytes(n: int, out_features: int, quant: str, double_quant: bool, c: int) -> int:
@@ -194,6 +201,8 @@ def _states_per_gpu(s: Settings, z: _Sizes) -> dict[str, int]:
     b["optimizer states"] = 0 if offload_optim else z.optim // (1 if s.strategy in ("single", "ddp") else w)
     if s.strategy == "ddp":
         b["DDP gradient buckets"] = z.lora_g  # DDP reduces through a flat copy of the grads
+    if s.strategy in DS_REDUCE_BUFFERS:
+        b["DeepSpeed reduce buckets"] = DS_REDUCE_BUFFERS[s.strategy] * DS_REDUCE_BUCKET * s.compute_dtype_bytes
     return b
 
 

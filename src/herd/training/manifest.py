@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from herd.paths import REPO_ROOT
-from herd.redaction import SECRET_ENV, redact
+from herd.redaction import SECRET_ENV, is_secret_key, redact
 
 MANIFEST = "manifest.json"
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "deepspeed",
@@ -66,6 +66,7 @@ def environment_knobs() -> dict[str, str]:
     return {
         k: redact(v) for k, v in sorted(os.environ.items())
         if k.startswith(ENV_PREFIXES) and not any(s in k for s in _SECRET_NAME) and k not in SECRET_ENV
+        and not is_secret_key(k)
     }
 
 

@@ -23,6 +23,12 @@ from herd.dist import close_process_group, rank
 PREEMPTED_EXIT = 124  # the batch script requeues on this status (or whenever it forwarded a USR1)
 INTERRUPTED_EXIT = 130  # Ctrl-C: the shell's status for SIGINT; not requeued
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+_received = False  # any Preemption handler of this process got its signal
+
+
+def signal_received() -> bool:
+    """True once this process received the stop signal (for herd.training.faults' hold)."""
+    return _received
 
 
 class Preemption(TrainerCallback):
@@ -43,7 +49,8 @@ class Preemption(TrainerCallback):
             if rank() == 0:
                 print("herd: interrupted: saving a checkpoint after this step, then stopping "
                       "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
-        self.requested = True  # otherwise only a flag: the handler may run between any two bytecodes
+        global _received
+        self.requested = _received = True  # otherwise only flags: the handler may run between any two bytecodes
 
     def _any_rank_requested(self, device) -> bool:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

@@ -1,0 +1,180 @@
+"""`make mutants`: deliberate bugs that the suite must catch, each applied to a scratch copy of the repository
+and run against the tests meant to catch it. Passes when every mutant makes its tests fail.
+
+    python -m tests.mutants              # all of them (a few minutes on 2 cores)
+    python -m tests.mutants --list       # names, files, tests
+    python -m tests.mutants label-mask-plus-one packing-first-token
+
+Each mutant is an exact text replacement that must match once in its file, so a mutant whose code moved
+fails loudly instead of silently testing nothing; update it with the code. The tests first run on the
+unchanged copy and must pass there, or nothing a mutant does would mean anything. Not part of the default
+suite (`make test`): run it when a change touches the code or the tests below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str  # relative to the repository root
+    old: str  # must occur exactly once in the file
+    new: str
+    tests: tuple[str, ...]  # pytest arguments: files, node ids, -k expressions
+    why: str
+
+
+MUTANTS = [
+    Mutant("label-mask-plus-one", "src/herd/data.py",
+           "inside = (span >= 0) & (begins < ends[np.maximum(span, 0)])",
+           "inside = (span >= 0) & (begins <= ends[np.maximum(span, 0)])",
+           ("tests/test_label_masks.py",),
+           "the assistant mask lets one more token through at an answer's end: the next turn's <s>"),
+    Mutant("packing-first-token", "src/herd/packing.py",
+           'batch["labels"][batch["position_ids"] == 0] = -100',
+           "pass",
+           ("tests/test_packing.py", "-k", "per_token"),
+           "packed rows keep a conversation's first token as a target of the conversation before it"),
+    Mutant("redaction-no-lists", "src/herd/redaction.py",
+           "return type(value)(redact(v, secrets) for v in value)",
+           "return value",
+           ("tests/test_redaction.py", "-k", "not no_file"),
+           "redaction does not look inside lists (or tuples)"),
+    Mutant("redaction-token-secret-only", "src/herd/redaction.py",
+           '''CREDENTIAL_WORDS = frozenset({
+    "token", "secret", "secrets", "password", "passwd", "passphrase", "credential", "credentials",
+    "auth", "authorization", "apikey", "key", "cookie", "bearer",
+})''',
+           'CREDENTIAL_WORDS = frozenset({"token", "secret"})',
+           ("tests/test_redaction.py", "-k", "not no_file"),
+           "redaction recognises only token/secret key names"),
+    Mutant("redaction-multirun-yaml", "src/herd/cli.py",
+           "        redact_sweep_config()\n", "",
+           ("tests/test_redaction.py", "-k", "no_file"),
+           "Hydra's multirun.yaml is written with the secrets typed on the command line"),
+    Mutant("planner-zero2-grads-unsharded", "src/herd/memory.py",
+           'b["LoRA grads (fp32)"] = keep * lora_g // (w if sharded or s.strategy == "zero2" else 1)',
+           'b["LoRA grads (fp32)"] = keep * lora_g // (w if sharded else 1)',
+           ("tests/test_plan.py", "-k", "term"),
+           "the planner does not divide gradients by the world size under ZeRO-2"),
+    Mutant("planner-ddp-buckets-missing", "src/herd/memory.py",
+           '    if s.strategy == "ddp":\n        b["DDP gradient buckets"] = lora_g',
+           '    if s.strategy == "ddp":\n        pass',
+           ("tests/test_plan.py", "-k", "term"),
+           "the planner forgets DDP's gradient buckets"),
+    Mutant("planner-ddp-buckets-everywhere", "src/herd/memory.py",
+           '    if s.strategy == "ddp":\n        b["DDP gradient buckets"] = lora_g',
+           '    if s.strategy != "single":\n        b["DDP gradient buckets"] = lora_g',
+           ("tests/test_plan.py", "-k", "term"),
+           "the planner counts DDP's buckets under strategies that have none"),
+    Mutant("planner-deepspeed-buckets-missing", "src/herd/memory.py",
+           'b["DeepSpeed reduce buckets"] = DS_REDUCE_BUFFERS[s.strategy] * DS_REDUCE_BUCKET * c',
+           'b["DeepSpeed reduce buckets"] = 0',
+           ("tests/test_plan.py", "-k", "term"),
+           "the planner forgets DeepSpeed's gradient reduction buckets"),
+    Mutant("tokenization-cache-ignores-code", "src/herd/data.py",
+           '"code": code_fingerprint(TOKENIZATION_CODE),', '"code": 1,',
+           ("tests/test_data.py",),
+           "tokenized data made by other code is reused"),
+    Mutant("tokenization-cache-ignores-bad-rows", "src/herd/data.py",
+           'if k not in ("name", "cache_dir")', 'if k not in ("name", "cache_dir", "bad_rows")',
+           ("tests/test_data.py",),
+           "a warm cache lets bad_rows=error pass"),
+    Mutant("tiny-model-cache-ignores-code", "src/herd/fixtures/tiny.py",
+           'marker.get("build") == build_fingerprint()', '"build" in marker',
+           ("tests/test_tiny.py",),
+           "a tiny model built by other code is reused"),
+]
+
+
+def scratch_copy(destination: Path) -> None:
+    """The working tree as it is (tracked and untracked files git does not ignore), without .git."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source = REPO / name
+        if source.is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, destination / name)
+
+
+def run_tests(copy: Path, args: tuple[str, ...], env: dict) -> tuple[int, str]:
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *args],
+                            cwd=copy, env=env, capture_output=True, text=True)
+    return result.returncode, (result.stdout + result.stderr)[-3000:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.mutants", description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTANTS if not args.names or m.name in args.names]
+    if unknown := set(args.names) - {m.name for m in MUTANTS}:
+        parser.error(f"unknown mutant(s) {sorted(unknown)}; see --list")
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}: {m.path}: {m.why}\n    tests: {' '.join(m.tests)}")
+        return 0
+
+    with tempfile.TemporaryDirectory(prefix="herd-mutants-") as scratch:
+        copy = Path(scratch)
+        scratch_copy(copy)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(copy / "src"), str(copy)])}
+        env.pop("HERD_RUN_ID", None)
+        where = subprocess.run([sys.executable, "-c", "import herd; print(herd.__file__)"], cwd=copy, env=env,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        if not Path(where).resolve().is_relative_to(copy.resolve()):
+            print(f"mutants: herd imports from {where}, not the scratch copy {copy}", file=sys.stderr)
+            return 2
+        print(f"mutants: scratch copy {copy}; first the tests on the unchanged copy", flush=True)
+        for tests in dict.fromkeys(m.tests for m in chosen):
+            code, output = run_tests(copy, tests, env)
+            if code != 0:
+                print(f"mutants: the unchanged copy fails {' '.join(tests)}: fix that first\n{output}",
+                      file=sys.stderr)
+                return 2
+
+        results = []
+        for m in chosen:
+            path = copy / m.path
+            original = path.read_text()
+            if original.count(m.old) != 1:
+                print(f"mutants: {m.name}: its text occurs {original.count(m.old)} times in {m.path}, not once: "
+                      "update the mutant with the code", file=sys.stderr)
+                results.append((m, "stale"))
+                continue
+            path.write_text(original.replace(m.old, m.new))
+            started = time.monotonic()
+            try:
+                code, output = run_tests(copy, m.tests, env)
+            finally:
+                path.write_text(original)
+            verdict = {0: "SURVIVED", 1: "caught"}.get(code, f"error (pytest exit {code})")
+            results.append((m, verdict))
+            print(f"mutants: {m.name:<38} {verdict:<10} {time.monotonic() - started:5.0f} s  ({m.why})", flush=True)
+            if code not in (0, 1):
+                print(output, file=sys.stderr)
+
+    caught = sum(verdict == "caught" for _, verdict in results)
+    print(f"mutants: {caught}/{len(results)} caught")
+    for m, verdict in results:
+        if verdict != "caught":
+            print(f"  {m.name}: {verdict}: {m.why} (tests: {' '.join(m.tests)})")
+    return 0 if caught == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
