@@ -167,7 +167,7 @@ def test_rerunning_a_finished_run_does_nothing_and_a_final_checkpoint_is_replaye
 
 
 def launch(tmp_path, *args, env=None, timeout=600):
-    full_env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(REPO), **(env or {})}
+    full_env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), **(env or {})}
     full_env.pop("HERD_RUN_ID", None)
     return subprocess.run([*LAUNCH, *args], cwd=tmp_path, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
@@ -230,7 +230,7 @@ def test_a_rank_that_raises_ends_the_launch_quickly(tmp_path, tiny_model_dir):
 def test_two_machines_on_loopback_join_one_run(tmp_path, tiny_model_dir):
     """The command a cluster would use, one process per "machine", both on 127.0.0.1."""
     port = free_port()
-    env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     run_dir = tmp_path / "run"
     machines = [
         subprocess.Popen(

@@ -124,7 +124,7 @@ def test_each_job_of_a_sweep_trains_in_its_own_run_directory(tmp_path):
         assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
     assert (sweep / "multirun.yaml").exists()  # Hydra's record of the sweep, next to its jobs
 
-    run_module("train", "-m", *quick, cwd=tmp_path, env={"PYTHONPATH": str(REPO)})  # no output_dir
+    run_module("train", "-m", *quick, cwd=tmp_path, env={"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})  # no output_dir
     [default_sweep] = (tmp_path / "runs").iterdir()
     assert default_sweep.name.startswith("sweep-") and (default_sweep / "0" / "metrics.json").exists()
     assert not (tmp_path / "multirun").exists()  # Hydra's own default sweep dir is not used

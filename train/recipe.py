@@ -28,6 +28,7 @@ from herd.modeling import (
     resolve_precision,
 )
 from herd.paths import share_per_umask
+from herd.random_init import check_random_init
 from herd.training import strategy
 from herd.training.checkpoints import CompleteMarker, discard_checkpoints, finished_run, resume_point
 from herd.training.faults import DebugFaults
@@ -213,6 +214,7 @@ def run(cfg: DictConfig) -> RunResult | None:
     dtype = resolve_precision(job.train.precision, device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     strategy.check_compatibility(job, world_size, dtype, device)
+    check_random_init(job)
     location = model_location(job.model)
     device_bytes = device_memory_bytes(job, device)
     settings, plan = plan_job(job, world_size, location, device_bytes)
