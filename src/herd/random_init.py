@@ -158,6 +158,9 @@ def build_random_init_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, device
     """The base model of `location`'s config.json on `device`, weights drawn from model_cfg.random_init_seed,
     quantized as `peft_cfg` says, built one module at a time (module docstring). `on_module(name, model)` is
     called after each top-level piece (embeddings, each decoder layer, norm, head) is built."""
+    import os
+    import time
+
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -168,6 +171,7 @@ def build_random_init_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, device
         raise ConfigError("model.random_init=true builds 4-bit or unquantized bases; int8 is not supported")
     if device is None or str(device) in ("auto", "meta"):
         raise ConfigError("model.random_init=true needs one device to build on (strategy=single or ddp)")
+    started = time.perf_counter()
     quant = quantization_config(peft_cfg, dtype)
     weight_dtype = compute_dtype(peft_cfg, dtype) if quant is not None else dtype
     config = AutoConfig.from_pretrained(location)
@@ -208,6 +212,9 @@ def build_random_init_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, device
         hf_quantizer.postprocess_model(model)
     model.name_or_path = location
     model.eval()
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"herd: random-init base built on {device}: {len(decoder.layers)} decoder layers, "
+              f"{peft_cfg.quant.value}, seed {seed}, in {time.perf_counter() - started:.1f} s", flush=True)
     return model
 
 

@@ -323,10 +323,20 @@ def peak_memory_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
 
 
-def _gather_peak_memory() -> list[int]:
-    """Every rank's peak memory. Collective: call on all ranks at the same point (Trainer's on_log for a
-    training log is: the Trainer itself gathers the loss there)."""
-    return [int(x) for x in dist.all_gather_objects(peak_memory_bytes())]
+def peak_reserved_bytes() -> int | None:
+    """This process's peak CUDA memory reserved by torch's caching allocator (what the planner predicts,
+    with the CUDA context); None off CUDA."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_reserved())
+    return None
+
+
+def _gather_peak_memory() -> list[tuple[int, int | None]]:
+    """Every rank's peak memory, (allocated or RSS, CUDA reserved or None). Collective: call on all ranks at
+    the same point (Trainer's on_log for a training log is: the Trainer itself gathers the loss there)."""
+    return [(int(a), r) for a, r in dist.all_gather_objects((peak_memory_bytes(), peak_reserved_bytes()))]
 
 
 # ---- the callback -----------------------------------------------------------------------------------------
@@ -444,8 +454,10 @@ class HerdTracker(TrainerCallback):
         metrics: dict[str, Any] = {}
         if kind == "train":
             peaks = _gather_peak_memory()  # every rank, before the rank-0 check
-            for rank, peak in enumerate(peaks):
+            for rank, (peak, reserved) in enumerate(peaks):
                 metrics[f"memory/peak_gib_rank{rank}"] = peak / 2**30
+                if reserved is not None:
+                    metrics[f"memory/peak_reserved_gib_rank{rank}"] = reserved / 2**30
         if not self.is_main:
             if self._mark is not None:
                 self._mark = time.perf_counter()
