@@ -8,7 +8,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export WANDB_MODE ?= offline
 
-.PHONY: install demo test test-all lint
+.PHONY: install demo test test-all lint rehearsal
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test: $(STAMP) lint
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow"
+
+# Every stage of the GPU round (benchmarks/gpu_round.py) on CPU, zero3_offload included (~7 min on 2 cores).
+rehearsal: $(STAMP)
+	$(PY) -m pytest -q -m rehearsal tests/test_gpu_round.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src train infer tests benchmarks

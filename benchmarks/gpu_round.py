@@ -11,14 +11,15 @@ so a round cut short still returns what it finished:
   b_strategies    accelerate launch --num_processes 1 -m train strategy=fsdp|zero3|zero2 (tiny or small
                   shape, 4 steps): trains and saves; fsdp and zero3 SIGKILLed after step 2, re-run, and the
                   resumed adapter compared with the uninterrupted one; then infer.evaluate, infer.generate
-                  in 4-bit and 8-bit, infer.merge's numeric check; zero3_offload last (on CPU only with
-                  --with-offload: DeepSpeed's CPU Adam compiles ~85 s)
+                  in 4-bit and 8-bit, infer.merge's numeric check
   c_random_init   model.random_init=true under strategy=single, 5 optimizer steps at seq 2048 for Llama-2-13B
                   and Llama-2-70B (on CPU: the --shape through the same builder, seq 256): measured peak
                   allocated / reserved against plan=true for the same overrides, tokens/s, MFU
   d_throughput    benchmarks/bench_train.py --random-init, Llama-2-7B (on CPU: --shape, 1 round): the plain
                   TRL+PEFT baseline, herd, herd without checkpointing (micro batch 4); herd with
                   flex_attention; herd at micro batch 8
+  e_offload       strategy=zero3_offload the same way as b, last: DeepSpeed compiles its CPU Adam first
+                  (~85 s on CPU; on CPU only with --with-offload)
 A stage whose JSON says finished is skipped by a re-run (--redo runs it again); inside an unfinished stage,
 steps that passed and whose outputs still exist are reused. No stage starts, and no step outlives, the
 budget: a step cut by it is recorded as such and its stage stays unfinished.
@@ -45,7 +46,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("a_gpu_tests", "b_strategies", "c_random_init", "d_throughput")
+STAGES = ("a_gpu_tests", "b_strategies", "c_random_init", "d_throughput", "e_offload")
 TAIL = 3000  # characters of each step's stdout / stderr kept in the JSON
 CUDA_CONTEXT_GB = 650 / 1024  # herd.memory.CUDA_CONTEXT: outside torch's allocator, in the plan's total
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline",
@@ -55,6 +56,9 @@ SHORT_RUN = ["data=sample", "peft=qlora", "train.global_batch_size=4", "train.mi
              "train.max_steps=4", "train.save_steps=2", "train.eval_steps=100", "train.logging_steps=1",
              "data.max_samples=64", "train.learning_rate=3e-3", "train.warmup_ratio=0", "data.max_seq_len=256",
              "train.gradient_checkpointing=true"]
+# One process through the real launcher (herd makes the one-process group FSDP / DeepSpeed need).
+LAUNCH_ONE = ["-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "-m", "train"]
 SMALL_SHAPE = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4,
                "num_key_value_heads": 4}  # benchmarks/bench_train.py's "small"
 
@@ -207,8 +211,18 @@ class Round:
         return record
 
     def preflight(self) -> dict:
+        """Install the wheels and read the machine's facts; a re-run on the same machine (same out, same
+        Python, same wheels, site still there) reuses them instead of paying another import of the stack."""
         path = self.out / "preflight.json"
+        previous = json.loads(path.read_text()) if path.is_file() else {}
         wheels = self.install_wheels()
+        same = (previous.get("rc") == 0 and previous.get("executable") == self.python
+                and previous.get("wheels", {}).get("wheels") == wheels.get("wheels") and not self.args.redo)
+        if same:
+            self.facts = {k: previous.get(k) for k in ("date", "device", "device_memory_gb", "gpu_count", "python",
+                                                       "versions", "import_errors", "cuda", "bitsandbytes_library",
+                                                       "cpu_count")} | {"git": self.git_state()}
+            return previous
         result = self.run([self.python, "-c", PREFLIGHT], timeout=min(180, max(self.left(), 30)))
         line = next((x for x in result["stdout"].splitlines() if x.startswith("PREFLIGHT ")), None)
         facts = json.loads(line.removeprefix("PREFLIGHT ")) if line else {}
@@ -219,7 +233,8 @@ class Round:
             "bitsandbytes_library": facts.get("bitsandbytes_library"), "cpu_count": os.cpu_count(),
             "git": self.git_state(),
         }
-        record = {**self.facts, "wheels": wheels, "rc": result["rc"], "seconds": result["seconds"],
+        record = {**self.facts, "executable": self.python, "wheels": wheels, "rc": result["rc"],
+                  "seconds": result["seconds"],
                   "stderr_tail": tail(result["stderr"])}
         self.save(path, record)
         if self.cuda and not facts.get("cuda"):
@@ -439,9 +454,8 @@ def stage_b(round_: Round, stage: Stage) -> None:
     cuda = round_.cuda
     if round_.args.shape == "small":
         ensure_small_model(round_)
-    launch = [round_.python, "-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no", "-m", "train"]
-    base = [*model_args(round_), *SHORT_RUN]
+    launch, base = LAUNCH_ONE, [*model_args(round_), *SHORT_RUN]
+    launch = [round_.python, *launch]
     work = round_.work / "b"
     finished_runs: list[Path] = []
     for strategy in ("fsdp", "zero3", "zero2"):
@@ -488,15 +502,6 @@ def stage_b(round_: Round, stage: Stage) -> None:
                                                                          str(straight), str(resumed)],
                        timeout=180, check=compare_check)
     infer_steps(round_, stage, finished_runs[0] if finished_runs else None)
-    if cuda or round_.args.with_offload:
-        offload = work / "zero3_offload" / "straight"
-        stage.step("zero3_offload: train 4 steps, save", [*launch, *base, "strategy=zero3_offload",
-                                                          f"output_dir={offload}"],
-                   timeout=600, check=check_strategy_run(offload, "zero3_offload", cuda),
-                   outputs=(offload / "metrics.json",))
-    else:
-        stage.skip("zero3_offload: train 4 steps, save", "CPU rehearsal without --with-offload (DeepSpeed's CPU "
-                   "Adam compiles ~85 s here)")
     stage.record["notes"].append(
         "Two ranks on the one GPU are not run: NCCL refuses two ranks on one device, and gloo has no "
         "reduce-scatter for CUDA tensors (FSDP2) nor a DeepSpeed backend; each rank also takes the GPU of its "
@@ -510,6 +515,25 @@ def stage_b(round_: Round, stage: Stage) -> None:
                 k: figures.get(k) for k in ("tokens_per_s_median", "peak_allocated_gib", "peak_reserved_gib",
                                             "final_train_loss")}
     stage.record["figures"]["strategies"] = by_strategy
+
+
+def stage_e(round_: Round, stage: Stage) -> None:
+    """zero3_offload last: DeepSpeed compiles its CPU Adam first (~85 s on CPU, JIT on the GPU machine too)."""
+    if not (round_.cuda or round_.args.with_offload):
+        stage.skip("zero3_offload: train 4 steps, save", "CPU rehearsal without --with-offload (DeepSpeed's CPU "
+                   "Adam compiles ~85 s here)")
+        return
+    if round_.args.shape == "small":
+        ensure_small_model(round_)
+    offload = round_.work / "e" / "zero3_offload"
+    stage.step("zero3_offload: train 4 steps, save",
+               [round_.python, *LAUNCH_ONE, *model_args(round_), *SHORT_RUN, "strategy=zero3_offload",
+                f"output_dir={offload}"],
+               timeout=600, check=check_strategy_run(offload, "zero3_offload", round_.cuda),
+               outputs=(offload / "metrics.json",))
+    figures = stage.record["steps"][-1].get("figures") or {}
+    stage.record["figures"] = {k: figures.get(k) for k in ("tokens_per_s_median", "peak_allocated_gib",
+                                                           "peak_reserved_gib", "final_train_loss")}
 
 
 def infer_steps(round_: Round, stage: Stage, run_dir: Path | None) -> None:
@@ -657,6 +681,7 @@ def stage_d(round_: Round, stage: Stage) -> None:
     results: dict[str, dict] = {}
     for name, extra in runs:
         out = round_.work / "d" / (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + ".json")
+        out.parent.mkdir(parents=True, exist_ok=True)
 
         def check(result, out=out):
             report = json.loads(out.read_text())
@@ -680,8 +705,9 @@ def stage_d(round_: Round, stage: Stage) -> None:
         for side, r in results.items() if isinstance(r, dict) and "non_padding_tokens_per_s" in r}
 
 
-RUNNERS = {"a_gpu_tests": stage_a, "b_strategies": stage_b, "c_random_init": stage_c, "d_throughput": stage_d}
-MIN_START_S = {"a_gpu_tests": 30, "b_strategies": 60, "c_random_init": 60, "d_throughput": 60}
+RUNNERS = {"a_gpu_tests": stage_a, "b_strategies": stage_b, "c_random_init": stage_c, "d_throughput": stage_d,
+           "e_offload": stage_e}
+MIN_START_S = {"a_gpu_tests": 30, "b_strategies": 60, "c_random_init": 60, "d_throughput": 60, "e_offload": 60}
 
 
 def selected(spec: str) -> list[str]:
