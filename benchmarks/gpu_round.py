@@ -439,7 +439,8 @@ def stage_a(round_: Round, stage: Stage) -> None:
     def check(result: dict):
         text = result["stdout"] + result["stderr"]
         counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", text)}
-        skips = re.findall(r"^SKIPPED \[\d+\] (.+)$", text, flags=re.MULTILINE)
+        skips = [{"count": int(n), "reason": r} for n, r in re.findall(r"^SKIPPED \[(\d+)\] (.+)$", text,
+                                                                        flags=re.MULTILINE)]
         failures = re.findall(r"^(?:FAILED|ERROR) (.+)$", text, flags=re.MULTILINE)
         figures = {"counts": counts, "skipped": skips, "failures": failures}
         ran = counts.get("passed", 0) + counts.get("failed", 0) + counts.get("skipped", 0)
@@ -447,7 +448,8 @@ def stage_a(round_: Round, stage: Stage) -> None:
     stage.step("pytest -m gpu -ra", [round_.python, "-m", "pytest", "-m", "gpu", "-ra", "-q", "-p",
                                      "no:cacheprovider"], timeout=420, check=check, expect_rc=None)
     figures = (stage.record["steps"][-1].get("figures") or {})
-    stage.record["figures"] = {"counts": figures.get("counts"), "skipped_gpu_tests": len(figures.get("skipped", []))}
+    stage.record["figures"] = {"counts": figures.get("counts"),
+                               "skipped_gpu_tests": sum(s["count"] for s in figures.get("skipped", []))}
 
 
 def stage_b(round_: Round, stage: Stage) -> None:
