@@ -36,7 +36,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 from herd.chat_format import format_llama2, guanaco_to_messages
 from herd.fixtures.sample_data import generate_guanaco_rows
 from herd.fixtures.tiny import MODEL_SHAPE, ensure_tiny_model
-from herd.training.tracking.callback import count_parameters, device_peak_flops, flops_per_token
+from herd.training.tracking.metrics import count_parameters, device_peak_flops, flops_per_token
 
 SIDES = {
     "baseline": "the plain TRL + PEFT script, benchmarks/baseline_sft.py",
@@ -120,14 +120,14 @@ def conversations(n: int) -> list[list[dict]]:
 def herd_trainer(model_dir: Path, convs, output_dir: str, args, callbacks, tokenizer, one_row: bool = False,
                  checkpointing: bool = True, trl_head: bool = False, workers: int = 0):
     """herd's own path: herd.data tokenization with assistant-only labels, herd.modeling loading,
-    train.recipe's trainer arguments, packing on."""
+    train.recipe's trainer arguments and trainer, packing on."""
     from datasets import Dataset
-    from trl import SFTTrainer
 
     from herd.config.train import DataConfig, ModelConfig, PeftConfig, StrategyConfig, TrainConfig, TrainJob
     from herd.data import tokenize_conversations
     from herd.modeling import add_lora, load_base_model
-    from train.recipe import adapt_trainer, training_arguments
+    from herd.training.strategy import setup_for
+    from train.recipe import build_trainer, training_arguments
 
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -143,17 +143,17 @@ def herd_trainer(model_dir: Path, convs, output_dir: str, args, callbacks, token
                           dataloader_num_workers=workers),
         strategy=StrategyConfig(), output_dir=output_dir,
     )
+    decided = setup_for(job, device, dtype, local_rank=0)  # strategy=single in this one process
     samples = [s for s in tokenize_conversations(convs, tokenizer, True) if len(s["input_ids"]) <= args.seq_len]
-    training_args = training_arguments(job, Path(output_dir), device, dtype, 1, has_eval=False)
+    training_args = training_arguments(job, Path(output_dir), dtype, 1, has_eval=False,
+                                       gradient_checkpointing=checkpointing, strategy_setup=decided)
     training_args.disable_tqdm = True
     torch.manual_seed(0)
-    model = load_base_model(job.model, job.peft, "cuda:0" if device == "cuda" else "cpu", dtype, str(model_dir))
+    model = load_base_model(job.model, job.peft, decided.placement, dtype, str(model_dir))
     model = add_lora(model, job.peft, checkpointing)
-    trainer = SFTTrainer(model=model, args=training_args, train_dataset=Dataset.from_list(samples),
-                         processing_class=tokenizer, callbacks=callbacks)
     # "herd-one-row" keeps TRL's flattened row, "herd-trl-head" TRL's fused LM head, for comparison.
-    adapt_trainer(trainer, args.attn, torch.float32, row_per_bin=not one_row, herd_head=not trl_head)
-    return trainer
+    return build_trainer(model, training_args, Dataset.from_list(samples), None, tokenizer, callbacks, decided,
+                         args.attn, row_per_bin=not one_row, herd_head=not trl_head)
 
 
 def what_ran(trainer) -> dict:

@@ -1,5 +1,5 @@
-"""W&B tracking (herd.tracking): offline runs read back from their .wandb file, resume onto the same run id,
-no secret in any file a run writes, metrics.jsonl and loss.png with or without W&B.
+"""W&B tracking (herd.training.tracking): offline runs read back from their .wandb file, resume onto the
+same run id, no secret in any file a run writes, metrics.jsonl and loss.png with or without W&B.
 
 In-process tests drive HerdTracker with the Trainer's own callback events (fast, one real offline W&B run
 each); the end-to-end tests run `python -m train ... tracking=wandb_offline` as a user would, on 2 ranks.
@@ -24,9 +24,17 @@ from transformers import TrainerControl, TrainerState
 from herd.cli import check_config
 from herd.config.train import TrackingBackend, TrackingConfig, register_train_schema
 from herd.errors import ConfigError
-from herd.training.tracking import callback as tracking
-from herd.training.tracking.callback import HerdTracker, read_wandb_records, read_wandb_run
+from herd.training.tracking import wandb as herd_wandb
+from herd.training.tracking.callback import HerdTracker
+from herd.training.tracking.local import LOSS_PLOT, read_metrics
+from herd.training.tracking.metrics import (
+    PEAK_FLOPS_ENV,
+    count_parameters,
+    device_peak_flops,
+    flops_per_token,
+)
 from tests.conftest import FAST_TRAIN, OFFLINE_ENV, REPO
+from tests.wandb_reader import CHUNK_HEADER, history_values, log_table, read_wandb_records, read_wandb_run
 
 register_train_schema()
 
@@ -39,7 +47,7 @@ SECRETS = (FAKE_WANDB_KEY, FAKE_HF_TOKEN)
 def wandb_env(tmp_path, monkeypatch):
     """Offline W&B with its caches in a temp dir, and fake secrets in the environment."""
     for name in ("WANDB_DIR", "WANDB_BASE_URL", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_ID", "SLURM_JOB_ID",
-                 "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", tracking.PEAK_FLOPS_ENV):
+                 "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", PEAK_FLOPS_ENV):
         monkeypatch.delenv(name, raising=False)
     home = tmp_path / "wandb-home"
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -75,7 +83,7 @@ def assert_valid_png(path: Path) -> None:
 
 def test_flops_per_token_is_the_documented_formula():
     # 7B-like: 6.5e9 frozen, 40e6 LoRA, 32 layers, hidden 4096, 1024 tokens
-    assert tracking.flops_per_token(6_500_000_000, 40_000_000, 32, 4096, 1024) == (
+    assert flops_per_token(6_500_000_000, 40_000_000, 32, 4096, 1024) == (
         4 * 6_500_000_000 + 6 * 40_000_000 + 12 * 32 * 4096 * 1024)
 
 
@@ -84,13 +92,13 @@ def test_flops_per_token_is_the_documented_formula():
     ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100 80GB PCIe", 312e12), ("Tesla V100-SXM2-16GB", None),
 ])
 def test_device_peak_flops_table(name, peak, monkeypatch):
-    monkeypatch.delenv(tracking.PEAK_FLOPS_ENV, raising=False)
-    assert tracking.device_peak_flops(name) == peak
+    monkeypatch.delenv(PEAK_FLOPS_ENV, raising=False)
+    assert device_peak_flops(name) == peak
 
 
 def test_peak_flops_env_overrides_the_table(monkeypatch):
-    monkeypatch.setenv(tracking.PEAK_FLOPS_ENV, "1.5e12")
-    assert tracking.device_peak_flops("NVIDIA H100 80GB HBM3") == 1.5e12
+    monkeypatch.setenv(PEAK_FLOPS_ENV, "1.5e12")
+    assert device_peak_flops("NVIDIA H100 80GB HBM3") == 1.5e12
 
 
 def test_count_parameters_counts_4bit_weights_at_full_size(tiny_model_dir):
@@ -104,7 +112,7 @@ def test_count_parameters_counts_4bit_weights_at_full_size(tiny_model_dir):
     peft_cfg = PeftConfig()
     model = add_lora(load_base_model(ModelConfig(name="tiny", path=str(tiny_model_dir)), peft_cfg, "cpu",
                                      torch.float32, str(tiny_model_dir)), peft_cfg, False)
-    n_base, n_lora = tracking.count_parameters(model)
+    n_base, n_lora = count_parameters(model)
     assert n_base == expected_base  # packed 4-bit tensors hold half as many elements: not counted as such
     assert n_lora == sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
 
@@ -115,9 +123,9 @@ def test_count_parameters_counts_4bit_weights_at_full_size(tiny_model_dir):
     ({"SLURM_JOB_ID": "4243", "SLURM_ARRAY_JOB_ID": "4200", "SLURM_ARRAY_TASK_ID": "3"}, "exp-4200_3", "exp-4200"),
 ])
 def test_default_names_follow_slurm_ids(env, name, group):
-    assert tracking.run_names(TrackingConfig(), "exp", Path("/runs/tiny-20261123"), env) == (name, group)
+    assert herd_wandb.run_names(TrackingConfig(), "exp", Path("/runs/tiny-20261123"), env) == (name, group)
     explicit = TrackingConfig(name="mine", group="sweep")
-    assert tracking.run_names(explicit, "exp", Path("/runs/x"), env) == ("mine", "sweep")
+    assert herd_wandb.run_names(explicit, "exp", Path("/runs/x"), env) == ("mine", "sweep")
 
 
 def test_mode_is_offline_without_key_network_or_when_asked(monkeypatch, tmp_path):
@@ -126,18 +134,18 @@ def test_mode_is_offline_without_key_network_or_when_asked(monkeypatch, tmp_path
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     online = TrackingConfig(backend=TrackingBackend.wandb)
-    assert tracking.choose_mode(TrackingConfig(backend=TrackingBackend.none))[0] is None
-    assert tracking.choose_mode(TrackingConfig(backend=TrackingBackend.wandb_offline))[0] == "offline"
-    assert tracking.choose_mode(online) == ("offline", "no WANDB_API_KEY and no `wandb login`")
+    assert herd_wandb.choose_mode(TrackingConfig(backend=TrackingBackend.none))[0] is None
+    assert herd_wandb.choose_mode(TrackingConfig(backend=TrackingBackend.wandb_offline))[0] == "offline"
+    assert herd_wandb.choose_mode(online) == ("offline", "no WANDB_API_KEY and no `wandb login`")
     monkeypatch.setenv("WANDB_API_KEY", FAKE_WANDB_KEY)
-    monkeypatch.setattr(tracking, "network_reachable", lambda *a, **k: False)
-    assert tracking.choose_mode(online)[0] == "offline"
-    monkeypatch.setattr(tracking, "network_reachable", lambda *a, **k: True)
-    assert tracking.choose_mode(online)[0] == "online"
+    monkeypatch.setattr(herd_wandb, "network_reachable", lambda *a, **k: False)
+    assert herd_wandb.choose_mode(online)[0] == "offline"
+    monkeypatch.setattr(herd_wandb, "network_reachable", lambda *a, **k: True)
+    assert herd_wandb.choose_mode(online)[0] == "online"
     monkeypatch.setenv("WANDB_MODE", "offline")
-    assert tracking.choose_mode(online)[0] == "offline"
+    assert herd_wandb.choose_mode(online)[0] == "offline"
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert tracking.choose_mode(online)[0] == "disabled"
+    assert herd_wandb.choose_mode(online)[0] == "disabled"
 
 
 def test_tracking_configs_compose_and_bad_backend_is_refused():
@@ -194,7 +202,7 @@ def drive_tracker(tracker: HerdTracker, steps: int = 6, logging_steps: int = 2, 
 
 
 def test_tracker_logs_to_offline_wandb_and_local_files(tmp_path, wandb_env, monkeypatch):
-    monkeypatch.setenv(tracking.PEAK_FLOPS_ENV, "1e9")
+    monkeypatch.setenv(PEAK_FLOPS_ENV, "1e9")
     run_dir = tmp_path / "run"
     config = {"model": {"name": "tiny"}, "train": {"hub_token": "abc"}, "note": f"token {FAKE_HF_TOKEN}"}
     tracker = HerdTracker(TrackingConfig(backend=TrackingBackend.wandb_offline, tags=["t1"]), run_dir, config,
@@ -203,8 +211,8 @@ def test_tracker_logs_to_offline_wandb_and_local_files(tmp_path, wandb_env, monk
     drive_tracker(tracker)
     tracker.finish()
 
-    run_id = (run_dir / tracking.RUN_ID_FILE).read_text().strip()
-    [offline] = tracking.offline_run_dirs(run_dir)
+    run_id = (run_dir / herd_wandb.RUN_ID_FILE).read_text().strip()
+    [offline] = herd_wandb.offline_run_dirs(run_dir)
     assert offline.parent == run_dir / "wandb" and offline.name.endswith(run_id)
     run = read_wandb_run(offline)
     assert run.id == run_id and run.name == "run" and run.group == "tiny"
@@ -212,24 +220,24 @@ def test_tracker_logs_to_offline_wandb_and_local_files(tmp_path, wandb_env, monk
     assert run.config["train"]["hub_token"] == "<redacted>" and FAKE_HF_TOKEN not in run.config["note"]
     assert run.config["derived"]["params_lora"] == 16 and run.config["derived"]["params_base"] == 64
     assert run.config["derived"]["flops_per_token"] == 4 * 64 + 6 * 16 + 12 * 2 * 8 * 16
-    loss = tracking.history_values(run.history, "train/loss")
+    loss = history_values(run.history, "train/loss")
     assert sorted(loss) == [2, 4, 6] and loss[4] == pytest.approx(2.6)
-    assert sorted(tracking.history_values(run.history, "eval/loss")) == [0, 3, 6]
-    assert tracking.history_values(run.history, "eval/perplexity")[3] == pytest.approx(math.exp(2.6))
-    tokens_per_s = tracking.history_values(run.history, "train/tokens_per_s")
+    assert sorted(history_values(run.history, "eval/loss")) == [0, 3, 6]
+    assert history_values(run.history, "eval/perplexity")[3] == pytest.approx(math.exp(2.6))
+    tokens_per_s = history_values(run.history, "train/tokens_per_s")
     assert sorted(tokens_per_s) == [2, 4, 6]
     # 200 tokens per 2 steps of >= 10 ms each: at most 10k tokens/s, eval/save time excluded
     assert all(0 < v < 10_000 for v in tokens_per_s.values())
-    mfu = tracking.history_values(run.history, "train/mfu")
+    mfu = history_values(run.history, "train/mfu")
     assert mfu[4] == pytest.approx(tokens_per_s[4] * run.config["derived"]["flops_per_token"] / 1e9)
-    assert tracking.history_values(run.history, "memory/peak_gib_rank0")[2] > 0.01  # this process's RSS
+    assert history_values(run.history, "memory/peak_gib_rank0")[2] > 0.01  # this process's RSS
     assert "train/train_runtime" not in {k for row in run.history for k in row}
     assert run.summary["final/train_loss"] == 2.7
 
-    events = tracking.read_metrics(run_dir)
+    events = read_metrics(run_dir)
     assert [e["kind"] for e in events] == ["eval", "train", "eval", "train", "train", "eval", "summary"]
     assert events[1]["step"] == 2 and events[1]["train/loss"] == pytest.approx(2.8)
-    assert_valid_png(run_dir / tracking.LOSS_PLOT)
+    assert_valid_png(run_dir / LOSS_PLOT)
     assert not files_containing([run_dir, wandb_env], SECRETS)
 
 
@@ -243,12 +251,12 @@ def test_resumed_tracker_continues_the_same_wandb_run(tmp_path, wandb_env):
     drive_tracker(second, steps=8, start_step=4)
     second.finish()
 
-    dirs = tracking.offline_run_dirs(run_dir)
+    dirs = herd_wandb.offline_run_dirs(run_dir)
     assert len(dirs) == 2  # W&B writes one offline directory per attempt, both for the same run id
     runs = [read_wandb_run(d) for d in dirs]
-    assert {r.id for r in runs} == {(run_dir / tracking.RUN_ID_FILE).read_text().strip()}
-    assert sorted(tracking.history_values(runs[1].history, "train/loss")) == [6, 8]
-    steps = [e["step"] for e in tracking.read_metrics(run_dir) if e["kind"] == "train"]
+    assert {r.id for r in runs} == {(run_dir / herd_wandb.RUN_ID_FILE).read_text().strip()}
+    assert sorted(history_values(runs[1].history, "train/loss")) == [6, 8]
+    steps = [e["step"] for e in read_metrics(run_dir) if e["kind"] == "train"]
     assert steps == [2, 4, 6, 8]
 
 
@@ -259,20 +267,20 @@ def test_adapter_artifact_and_sync_at_end(tmp_path, wandb_env, monkeypatch):
     run_dir = tmp_path / "run"
     cfg = TrackingConfig(backend=TrackingBackend.wandb_offline, log_adapter_artifact=True, sync_at_end=True)
     calls = []
-    monkeypatch.setattr(tracking, "network_reachable", lambda *a, **k: True)
-    monkeypatch.setattr(tracking, "_run_command", lambda command, timeout: calls.append(command) or
+    monkeypatch.setattr(herd_wandb, "network_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(herd_wandb, "_run_command", lambda command, timeout: calls.append(command) or
                         subprocess.CompletedProcess(command, 0, "", ""))
     tracker = HerdTracker(cfg, run_dir, {"model": {"name": "tiny"}, "peft": {"r": 16}})
     drive_tracker(tracker, steps=2)
     tracker.finish(adapter)
-    [offline] = tracking.offline_run_dirs(run_dir)
+    [offline] = herd_wandb.offline_run_dirs(run_dir)
     [artifact] = [r["record"] for r in read_wandb_records(offline) if r["type"] == "artifact"]
     assert artifact["type"] == "model" and artifact["name"] == f"adapter-{tracker_run_id(run_dir)}"
     assert calls == [[sys.executable, "-m", "wandb", "sync", str(offline)]]
 
-    monkeypatch.setattr(tracking, "network_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(herd_wandb, "network_reachable", lambda *a, **k: False)
     with pytest.warns(UserWarning, match="not syncing W&B"):
-        assert tracking.sync_offline([offline]) is False
+        assert herd_wandb.sync_offline([offline]) is False
     assert len(calls) == 1
 
 
@@ -282,9 +290,9 @@ def test_backend_none_writes_metrics_and_plot_without_wandb(tmp_path, wandb_env)
     drive_tracker(tracker)
     tracker.finish()
     assert tracker.run is None and not (run_dir / "wandb").exists()
-    assert not (run_dir / tracking.RUN_ID_FILE).exists()
-    assert [e["step"] for e in tracking.read_metrics(run_dir) if "train/loss" in e] == [2, 4, 6]
-    assert_valid_png(run_dir / tracking.LOSS_PLOT)
+    assert not (run_dir / herd_wandb.RUN_ID_FILE).exists()
+    assert [e["step"] for e in read_metrics(run_dir) if "train/loss" in e] == [2, 4, 6]
+    assert_valid_png(run_dir / LOSS_PLOT)
 
 
 def test_other_ranks_write_nothing(tmp_path, wandb_env):
@@ -306,16 +314,16 @@ def test_log_table_resumes_the_run_and_keeps_a_local_copy(tmp_path, wandb_env):
     drive_tracker(tracker, steps=2)
     tracker.finish()
     rows = [{"prompt": "Hi", "output": "Hello"}, {"prompt": "2+2?", "output": "4", "ms": 12}]
-    path = tracking.log_table(run_dir, "generations", rows, tracking=cfg)
+    path = log_table(run_dir, "generations", rows, tracking=cfg)
     assert [json.loads(line) for line in path.read_text().splitlines()] == rows
-    later = read_wandb_run(tracking.offline_run_dirs(run_dir)[-1])
+    later = read_wandb_run(herd_wandb.offline_run_dirs(run_dir)[-1])
     assert (later.id, later.name, later.group) == (tracker_run_id(run_dir), "run", "tiny")  # same as training
     [row] = [r for r in later.history if "generations" in r]
     assert row["generations"]["_type"] == "table-file" and row["generations"]["nrows"] == 2
 
 
 def tracker_run_id(run_dir: Path) -> str:
-    return (run_dir / tracking.RUN_ID_FILE).read_text().strip()
+    return (run_dir / herd_wandb.RUN_ID_FILE).read_text().strip()
 
 
 # ---- the .wandb reader -------------------------------------------------------------------------------------
@@ -325,10 +333,10 @@ def test_reader_joins_records_across_32k_blocks_and_tolerates_a_torn_tail(tmp_pa
 
     big = "".join(chr(65 + i % 26) for i in range(100_000))  # one record over three 32 KiB blocks
     run = wandb.init(project="p", id="reader1", mode="offline", dir=str(tmp_path), config={"big": big},
-                     settings=wandb.Settings(**tracking.wandb_settings()))
+                     settings=wandb.Settings(**herd_wandb.wandb_settings()))
     for step in range(200):
         run.log({"x": step, "y": step * 0.5})
-    tracking.close_wandb(run)  # finish() alone returns before wandb-core has written the file
+    herd_wandb.close_wandb(run)  # finish() alone returns before wandb-core has written the file
     [path] = (tmp_path / "wandb").glob("offline-run-*-reader1/run-reader1.wandb")
     data = path.read_bytes()
     assert len(data) > 3 * 32 * 1024
@@ -338,7 +346,7 @@ def test_reader_joins_records_across_32k_blocks_and_tolerates_a_torn_tail(tmp_pa
         if 32768 - pos % 32768 < 7:
             pos += 32768 - pos % 32768
             continue
-        _, length, kind = tracking._CHUNK_HEADER.unpack_from(data, pos)
+        _, length, kind = CHUNK_HEADER.unpack_from(data, pos)
         chunk_types.add(kind)
         pos += 7 + length
     assert {1, 2, 3, 4} <= chunk_types
@@ -385,18 +393,18 @@ def test_two_process_run_writes_one_offline_wandb_run_without_secrets(tmp_path):
                             timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
 
-    dirs = tracking.offline_run_dirs(run_dir)
+    dirs = herd_wandb.offline_run_dirs(run_dir)
     assert len(dirs) == 1 and len(list((run_dir / "wandb").glob("*run-*"))) == 1  # rank 1 made none
     run = read_wandb_run(dirs[0])
     assert run.id == tracker_run_id(run_dir)
     assert run.config["model"]["name"] == "tiny" and run.config["derived"]["world_size"] == 2
-    assert sorted(tracking.history_values(run.history, "train/loss")) == [2, 4, 6, 8]
-    assert sorted(tracking.history_values(run.history, "eval/loss")) == [0, 4, 8]
-    assert all(v > 0 for v in tracking.history_values(run.history, "train/tokens_per_s").values())
-    assert len(tracking.history_values(run.history, "train/tokens_per_s")) == 4
+    assert sorted(history_values(run.history, "train/loss")) == [2, 4, 6, 8]
+    assert sorted(history_values(run.history, "eval/loss")) == [0, 4, 8]
+    assert all(v > 0 for v in history_values(run.history, "train/tokens_per_s").values())
+    assert len(history_values(run.history, "train/tokens_per_s")) == 4
     assert {"memory/peak_gib_rank0", "memory/peak_gib_rank1"} <= {k for row in run.history for k in row}
-    assert [e["step"] for e in tracking.read_metrics(run_dir) if e["kind"] == "train"] == [2, 4, 6, 8]
-    assert_valid_png(run_dir / tracking.LOSS_PLOT)
+    assert [e["step"] for e in read_metrics(run_dir) if e["kind"] == "train"] == [2, 4, 6, 8]
+    assert_valid_png(run_dir / LOSS_PLOT)
     assert not files_containing([run_dir, tmp_path / "wandb-home"], SECRETS)
 
 
@@ -415,15 +423,15 @@ def test_killed_run_resumes_onto_the_same_wandb_run_id(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     # W&B flushes every 2 s, so a SIGKILL loses its last ~2 s; the run directory's metrics.jsonl has them.
-    assert [r["step"] for r in tracking.read_metrics(run_dir) if "train/loss" in r][-1] == 4
+    assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r][-1] == 4
     run_id = tracker_run_id(run_dir)
 
     result = subprocess.run([*command, "train.max_steps=8"], cwd=REPO, env=env, capture_output=True, check=False,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    dirs = tracking.offline_run_dirs(run_dir)
+    dirs = herd_wandb.offline_run_dirs(run_dir)
     assert len(dirs) == 2
     assert [read_wandb_run(d).id for d in dirs] == [run_id, run_id] and tracker_run_id(run_dir) == run_id
-    assert 4 in tracking.history_values(read_wandb_run(dirs[0]).history, "train/loss")  # survived the kill
-    assert 8 in tracking.history_values(read_wandb_run(dirs[1]).history, "train/loss")
+    assert 4 in history_values(read_wandb_run(dirs[0]).history, "train/loss")  # survived the kill
+    assert 8 in history_values(read_wandb_run(dirs[1]).history, "train/loss")
     assert not files_containing([run_dir, tmp_path / "wandb-home"], SECRETS)

@@ -2,10 +2,10 @@
 
 The module map (each module opens with the one line saying what it owns):
     errors          HerdError and its kinds: what a user can fix, shown as one line
-    config/         typed Hydra schemas: train, infer, cluster
+    config/         typed Hydra schemas: train, infer, cluster (train: the strategy vocabulary too)
     cli             validate the config, then run the entrypoint under Hydra (sweep directories too)
     paths           where files are; the one atomic, durable file write
-    dist            ranks, the run id, the SLURM job, collectives, process-group life
+    dist            ranks, the run id, the SLURM job, the CPU launch env, collectives, process-group life
     rundir          the run directory's files; redaction: secrets kept out of every file
     chat_format     the Llama-2 chat format and converters into it
     data            rows -> conversations -> tokenized, cached splits

@@ -1,5 +1,6 @@
 """Ranks and processes: the one run id every rank and node of a launch agrees on, the SLURM job, the
-collectives herd runs itself, and closing the process group. torch is imported only where a collective runs."""
+launch environment train and infer share, the collectives herd runs itself, and closing the process group.
+torch is imported only where a collective runs."""
 
 from __future__ import annotations
 
@@ -61,6 +62,14 @@ def world_size() -> int:
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
+
+
+def prepare_cpu_launch(device: str) -> None:
+    """accelerate falls back silently on CPU: without ACCELERATE_USE_CPU every rank of a multi-process
+    launch runs alone (PLATFORM_NOTES). Set before any accelerate state exists, by train and infer alike
+    (the Accelerator lm-eval builds reads it too)."""
+    if device == "cpu":
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 
 
 def free_port() -> int:

@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from herd import rundir
 from herd.config.infer import InferJob, SamplingConfig
 from herd.config.train import DataConfig, ModelConfig, PeftConfig, Quant
+from herd.dist import prepare_cpu_launch
 from herd.errors import ConfigError, DataError
 from herd.lm_head import labelled_loss_sum
 from herd.modeling import (
@@ -125,10 +126,8 @@ def start_processes(device: str):
     """
     from accelerate import PartialState
 
-    from herd.training.strategy import prepare_launch
-
     device = resolve_device(device)
-    prepare_launch(device)  # ACCELERATE_USE_CPU too, for the Accelerator that lm-eval builds
+    prepare_cpu_launch(device)  # ACCELERATE_USE_CPU too, for the Accelerator that lm-eval builds
     state = PartialState(cpu=device == "cpu")
     if device == "cuda" and state.num_processes > 1:
         device = f"cuda:{state.local_process_index}"

@@ -64,10 +64,11 @@ LLAMA2_CONFIGS: dict[str, dict] = {
 
 def known_config(path: str) -> dict | None:
     """The shipped config.json for a Llama-2 hub id (any of the base/chat repos) or short name."""
-    from herd.memory import _ALIASES
+    import re
 
     key = path.lower()
-    return LLAMA2_CONFIGS.get(_ALIASES.get(key, key))
+    hub = re.fullmatch(r"meta-llama/llama-2-(7b|13b|70b)(-chat)?-hf", key)
+    return LLAMA2_CONFIGS.get(f"llama2-{hub.group(1)}" if hub else key)
 
 
 def source_config(model_cfg: ModelConfig) -> tuple[dict, Path | None]:

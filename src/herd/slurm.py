@@ -24,7 +24,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from herd.config.cluster import ClusterConfig, register_cluster_schema
-from herd.config.train import gradient_accumulation
+from herd.config.train import check_process_count, gradient_accumulation
 from herd.errors import ConfigError, HerdError
 from herd.paths import REPO_ROOT
 
@@ -183,9 +183,7 @@ def check_launch(cfg: DictConfig, cluster: ClusterConfig) -> None:
     """What the job would refuse only after queueing and loading: the strategy and the batch split."""
     processes = cluster.nodes * procs_per_node(cluster)
     where = f"{cluster.nodes} node(s) x {procs_per_node(cluster)} process(es)"
-    if processes > 1 and cfg.strategy.name == "single":
-        raise ConfigError(f"strategy=single but the job runs {processes} processes ({where}); "
-                          "add strategy=ddp (or fsdp, zero2, zero3)")
+    check_process_count(cfg.strategy.name, processes, f"the job runs {processes} processes ({where})")
     gradient_accumulation(cfg.train.global_batch_size, cfg.train.micro_batch_size, processes)
 
 

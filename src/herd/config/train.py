@@ -2,7 +2,9 @@
 
 YAML files under conf/ hold values; these dataclasses hold the types, defaults and the one explanation of
 each knob. Because the primary configs start from these schemas (struct mode), an unknown key, a wrong type
-or a value outside an Enum is refused when Hydra composes the config, before anything loads.
+or a value outside an Enum is refused when Hydra composes the config, before anything loads. The rules that
+read the schema alone live here too, for every module that needs them without torch: the strategy vocabulary
+(which strategies shard, use DeepSpeed, take several processes) and the batch split.
 """
 
 from __future__ import annotations
@@ -30,6 +32,26 @@ class Strategy(str, Enum):
     zero2 = "zero2"  # DeepSpeed ZeRO-2: optimizer states and gradients sharded
     zero3 = "zero3"  # DeepSpeed ZeRO-3: weights sharded too
     zero3_offload = "zero3_offload"  # ZeRO-3 with optimizer states and weights offloaded to CPU RAM
+
+
+# The strategy vocabulary, once: the memory model, the launch checks and every message that lists
+# strategies read these.
+SHARDED = (Strategy.fsdp, Strategy.zero3, Strategy.zero3_offload)  # weights and LoRA states split over ranks
+DEEPSPEED = (Strategy.zero2, Strategy.zero3, Strategy.zero3_offload)
+MULTI_PROCESS = tuple(s for s in Strategy if s != Strategy.single)
+
+
+def strategy_list(strategies: tuple[Strategy, ...]) -> str:
+    """Strategies as a message names them: 'ddp, fsdp or zero2'."""
+    names = [s.value for s in strategies]
+    return " or ".join([", ".join(names[:-1]), names[-1]]) if len(names) > 1 else names[0]
+
+
+def check_process_count(strategy: Strategy | str, processes: int, launched: str) -> None:
+    """strategy=single is one process: refused with several, in one line naming the strategies that take
+    them. `launched` says where the count comes from ("launched with 2 processes")."""
+    if Strategy(strategy) == Strategy.single and processes > 1:
+        raise ConfigError(f"strategy=single but {launched}; use strategy={strategy_list(MULTI_PROCESS)}")
 
 
 class DataFormat(str, Enum):

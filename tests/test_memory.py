@@ -15,9 +15,9 @@ from herd.memory import (
     estimate,
     load_model_shape,
     lora_param_count,
-    markdown_table,
     suggest,
 )
+from herd.memory.cli import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 L7 = KNOWN_SHAPES["llama2-7b"]
