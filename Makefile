@@ -8,7 +8,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export WANDB_MODE ?= offline
 
-.PHONY: install demo test test-all lint system-packages mutants
+.PHONY: install demo test test-all lint system-packages mutants rehearsal
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ mutants: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow"
+
+# Every stage of the GPU round (benchmarks/gpu_round.py) on CPU, zero3_offload included (~7 min on 2 cores).
+rehearsal: $(STAMP)
+	$(PY) -m pytest -q -m rehearsal tests/test_gpu_round.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src train infer tests benchmarks

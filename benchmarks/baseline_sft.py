@@ -20,14 +20,17 @@ from trl import SFTConfig, SFTTrainer
 
 def build_baseline_trainer(model_dir: str, texts: list[str], output_dir: str, *, steps: int,
                            micro_batch: int = 4, max_length: int = 2048, device: str = "cuda",
-                           callbacks=None, tokenizer=None) -> SFTTrainer:
+                           callbacks=None, tokenizer=None, model=None) -> SFTTrainer:
+    """`model`: an NF4 base already built (the benchmark's --random-init: the same 4-bit modules this
+    script's from_pretrained makes, without weights on disk); None loads `model_dir` as the blog does."""
     cuda = device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     bnb_config = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
     )
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb_config, dtype=dtype,
-                                                 device_map={"": 0 if cuda else "cpu"})
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb_config, dtype=dtype,
+                                                     device_map={"": 0 if cuda else "cpu"})
     model = prepare_model_for_kbit_training(model)
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_dir)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.unk_token

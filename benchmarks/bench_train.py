@@ -93,6 +93,26 @@ def build_model(shape: str, path: Path, vocab: int) -> None:
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
+def write_config(shape: str, path: Path, vocab: int) -> None:
+    """The shape's config.json alone, for --random-init (herd.random_init draws the weights on the device)."""
+    hidden, inter, layers, heads, kv = SHAPES[shape]
+    path.mkdir(parents=True, exist_ok=True)
+    LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=4096, bos_token_id=1,
+                eos_token_id=2, pad_token_id=0).save_pretrained(path)
+
+
+def random_init_base(model_dir: Path, device: str, dtype: torch.dtype, attn: str = "sdpa"):
+    """The NF4 base of model_dir's config.json drawn by herd's random-init builder (seed 0): both sides of a
+    --random-init benchmark get the same weights without a model on disk."""
+    from herd.config.train import ModelConfig, PeftConfig
+    from herd.modeling import load_base_model
+
+    model_cfg = ModelConfig(name="bench", path=str(model_dir), attn_implementation=attn, random_init=True)
+    return load_base_model(model_cfg, PeftConfig(), "cuda:0" if device == "cuda" else "cpu", dtype,
+                           str(model_dir))
+
+
 def conversations(n: int) -> list[list[dict]]:
     return [guanaco_to_messages(row["text"]) for row in generate_guanaco_rows(n, seed=1)]
 
@@ -112,7 +132,8 @@ def herd_trainer(model_dir: Path, convs, output_dir: str, args, callbacks, token
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     job = TrainJob(
-        model=ModelConfig(name=args.shape, path=str(model_dir), attn_implementation=args.attn),
+        model=ModelConfig(name=args.shape, path=str(model_dir), attn_implementation=args.attn,
+                          random_init=args.random_init),
         data=DataConfig(name="bench", path="-", max_seq_len=args.seq_len),
         peft=PeftConfig(),
         train=TrainConfig(max_steps=args.warmup + args.steps, micro_batch_size=args.micro_batch,
@@ -154,9 +175,14 @@ def measure(side: str, args, model_dir: Path, convs, tokenizer) -> dict:
     with tempfile.TemporaryDirectory() as output_dir:
         if side == "baseline":
             texts = [format_llama2(c).text for c in convs]
+            base = None
+            if args.random_init:
+                base = random_init_base(model_dir, args.device,
+                                        torch.bfloat16 if args.device == "cuda" else torch.float32)
             trainer = build_baseline_trainer(str(model_dir), texts, output_dir, steps=args.warmup + args.steps,
                                              micro_batch=args.micro_batch, max_length=args.seq_len,
-                                             device=args.device, callbacks=[timer], tokenizer=tokenizer)
+                                             device=args.device, callbacks=[timer], tokenizer=tokenizer,
+                                             model=base)
         else:
             trainer = herd_trainer(model_dir, convs, output_dir, args, [timer], tokenizer,
                                    one_row=side == "herd-one-row",
@@ -231,12 +257,18 @@ def measure_in_own_process(side: str, script: str = __file__) -> dict:
     return measured
 
 
-def bench_model(shape: str, model_dir: str | None = None):
-    """herd's tiny tokenizer and the model directory of `shape` (a random-init Llama, built once)."""
+def bench_model(shape: str, model_dir: str | None = None, random_init: bool = False):
+    """herd's tiny tokenizer and the model directory of `shape` (a random-init Llama, built once; with
+    random_init its config.json alone, the weights drawn on the device by each side)."""
     from transformers import AutoTokenizer
 
     tokenizer_dir = ensure_tiny_model(Path(tempfile.gettempdir()) / "herd-bench-tiny")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if random_init and shape != "tiny":
+        path = Path(model_dir or Path(tempfile.gettempdir()) / f"herd-bench-{shape}-config")
+        if not (path / "config.json").exists():
+            write_config(shape, path, vocab=32000)
+        return tokenizer, path
     default = tokenizer_dir if shape == "tiny" else Path(tempfile.gettempdir()) / f"herd-bench-{shape}"
     path = Path(model_dir or default)
     if not (path / "config.json").exists():
@@ -275,6 +307,9 @@ def main() -> None:
     parser.add_argument("--no-packing", action="store_true")
     parser.add_argument("--model-dir", default=None)
     parser.add_argument("--attn", default="sdpa", help="herd's attention: sdpa | flex_attention | eager")
+    parser.add_argument("--random-init", action="store_true",
+                        help="draw the weights on the device with herd's random-init builder (model.random_init): "
+                             "no model on disk (a 7B in bf16 is 13 GB to write and read back per side)")
     parser.add_argument("--sides", default="baseline,herd", help="comma-separated: " + "; ".join(
         f"{side} ({meaning})" for side, meaning in SIDES.items()))
     parser.add_argument("--out", required=True)
@@ -284,7 +319,7 @@ def main() -> None:
     if unknown:
         sys.exit(f"bench_train: unknown side {unknown[0]!r} in --sides; allowed: {', '.join(SIDES)}")
 
-    tokenizer, model_dir = bench_model(args.shape, args.model_dir)
+    tokenizer, model_dir = bench_model(args.shape, args.model_dir, args.random_init)
     convs = conversations(args.conversations)
 
     results = run_sides(args, args.sides.split(","),

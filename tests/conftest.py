@@ -47,6 +47,11 @@ def gpu_env() -> dict[str, str]:
 
 
 def pytest_collection_modifyitems(config, items):
+    # The full CPU rehearsal of the GPU round (~7 min here) runs only when asked for: pytest -m rehearsal.
+    if "rehearsal" not in (config.option.markexpr or ""):
+        for item in items:
+            if item.get_closest_marker("rehearsal"):
+                item.add_marker(pytest.mark.skip(reason="the full CPU rehearsal of the GPU round: pytest -m rehearsal"))
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return

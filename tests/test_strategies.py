@@ -343,3 +343,26 @@ def test_zero3_offload_on_cpu_runs_deepspeeds_offload_path(tmp_path, tiny_model_
     assert facts["offload_optimizer"] is True and facts["offload_params"] is True
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
     assert adapter(run_dir)
+
+
+@pytest.mark.parametrize("name, stage", [(Strategy.fsdp, 0), (Strategy.zero2, 2), (Strategy.zero3, 3)])
+def test_a_sharded_strategy_without_a_launcher_gets_a_one_process_group(name, stage, monkeypatch):
+    """`python -m train strategy=fsdp` (or accelerate launch --num_processes 1, which sets no ranks): FSDP and
+    DeepSpeed need a process group, so herd sets the one-process rendezvous torchrun would (the GPU round
+    runs each strategy this way: benchmarks/gpu_round.py stage b)."""
+    from herd.training.strategy import prepare_launch
+
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "DS_ACCELERATOR", "ACCELERATE_USE_CPU", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_TORCH_DEVICE"):
+        monkeypatch.delenv(key, raising=False)
+    prepare_launch("cuda", job(name, stage=stage))
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("0", "1", "0")
+    assert int(os.environ["MASTER_PORT"]) > 0
+    monkeypatch.setenv("LOCAL_RANK", "1")  # under a launcher its ranks are kept
+    monkeypatch.setenv("RANK", "3")
+    prepare_launch("cuda", job(name, stage=stage))
+    assert os.environ["RANK"] == "3"
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.delenv("RANK")
+    prepare_launch("cuda", job(Strategy.single))
+    assert "RANK" not in os.environ

@@ -34,6 +34,7 @@ from herd.modeling import (
     resolve_precision,
 )
 from herd.paths import share_per_umask
+from herd.random_init import check_random_init
 from herd.training import strategy
 from herd.training.checkpoints import CompleteMarker, finished_run, resume_point, set_aside
 from herd.training.faults import DebugFaults
@@ -126,6 +127,7 @@ def resolve(job: TrainJob) -> RunSetup | None:
     dtype = resolve_precision(job.train.precision, device)
     world_size = dist.world_size()
     strategy.check_compatibility(job, world_size, dtype, device)
+    check_random_init(job)
     location = model_location(job.model)
     check_inputs(job, location)
     device_bytes = device_memory_bytes(job, device)

@@ -49,6 +49,10 @@ def resolve_precision(precision: Precision, device: str) -> torch.dtype:
 
 def model_location(model_cfg: ModelConfig) -> str:
     """A local directory for the model, or the hub id as given; builds the tiny model on first use."""
+    if model_cfg.random_init:  # a weightless directory: config.json + tokenizer (herd.random_init)
+        from herd.random_init import random_init_location
+
+        return str(random_init_location(model_cfg))
     if model_cfg.build_tiny:
         from herd.fixtures.tiny import ensure_tiny_model
 
@@ -113,6 +117,12 @@ def load_base_model(
     placement to FSDP / ZeRO-3, which shard the weights themselves; a named `device_map` ("auto", ...)
     spreads the layers over the process's devices instead."""
     location = location or model_location(model_cfg)
+    if model_cfg.random_init:  # no weights to load: drawn from the seed and quantized layer by layer
+        from herd.random_init import build_random_init_model
+
+        model = build_random_init_model(model_cfg, peft_cfg, device, dtype, location)
+        disable_bnb_cpu_inference_repack(model)
+        return model
     quant = quantization_config(peft_cfg, dtype)
     model = AutoModelForCausalLM.from_pretrained(
         location,

@@ -85,6 +85,13 @@ class ModelConfig:
     trust_remote_code: bool = False  # runs code from the model repo: off unless you trust it
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     chat_template: bool = True  # give the tokenizer herd's Llama-2 chat template when it has none
+    # Build the base from its config.json alone, weights drawn from random_init_seed: no weights download, for
+    # benchmarks and plan checks of any size (llama2-70b included). Quantized to 4-bit one decoder layer at a
+    # time on the device (peft.quant=nf4|fp4; none builds it unquantized; int8 refused); strategy single or
+    # ddp. The tokenizer is model.path's when it is a local directory with one, else herd's tiny one.
+    # herd.random_init has the details.
+    random_init: bool = False
+    random_init_seed: int = 0  # same seed, same device type (cpu / cuda): same weights (train, evaluate, generate)
 
 
 @dataclass

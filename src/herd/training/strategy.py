@@ -54,6 +54,12 @@ def prepare_launch(device: str, job: TrainJob) -> None:
     DeepSpeed on CPU is the exception: accelerate's CPU mode never selects DeepSpeed, so those runs are not
     "CPU" to accelerate at all; they get DeepSpeed's CPU accelerator, a gloo process group and a CPU
     device instead (see start_processes)."""
+    if job.strategy.name in (Strategy.fsdp, *DEEPSPEED) and "LOCAL_RANK" not in os.environ:
+        # One process without a launcher's ranks (`python -m train`, or `accelerate launch --num_processes 1`,
+        # which starts it plainly): FSDP and DeepSpeed need a process group, so a one-process one, as torchrun
+        # would make (without it: "environment variable RANK expected" / "fsdp only works in distributed").
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(dist.free_port()))
     if deepspeed_on_cpu(job, device):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         # DeepSpeed compiles a shared-memory op on first use (~40 s) into a cache that two venvs would keep
@@ -63,9 +69,6 @@ def prepare_launch(device: str, job: TrainJob) -> None:
         os.environ.pop("ACCELERATE_USE_CPU", None)  # accelerate's CPU mode would drop DeepSpeed silently
         os.environ["ACCELERATE_TORCH_DEVICE"] = "cpu"
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-        if "LOCAL_RANK" not in os.environ:  # `python -m train` without a launcher: a one-process group
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(dist.free_port()))
     else:
         dist.prepare_cpu_launch(device)
 

@@ -240,7 +240,12 @@ class HerdTracker(TrainerCallback):
     @staticmethod
     def _peak_memory() -> dict[str, float]:
         """Every rank's peak memory in GiB. Collective: every rank calls it on a train log."""
-        return {f"memory/peak_gib_rank{rank}": peak / 2**30 for rank, peak in enumerate(gather_peak_memory())}
+        metrics = {}
+        for rank, (peak, reserved) in enumerate(gather_peak_memory()):
+            metrics[f"memory/peak_gib_rank{rank}"] = peak / 2**30
+            if reserved is not None:  # CUDA: the caching allocator's peak too (the planner predicts it)
+                metrics[f"memory/peak_reserved_gib_rank{rank}"] = reserved / 2**30
+        return metrics
 
     def _throughput(self, state) -> dict[str, float]:
         tokens_per_s = self._clock.take_tokens_per_s(state.num_input_tokens_seen)

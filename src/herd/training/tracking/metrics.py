@@ -81,10 +81,20 @@ def peak_memory_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
 
 
-def gather_peak_memory() -> list[int]:
-    """Every rank's peak memory. Collective: call on all ranks at the same point (Trainer's on_log for a
-    training log is: the Trainer itself gathers the loss there)."""
-    return [int(x) for x in dist.all_gather_objects(peak_memory_bytes())]
+def peak_reserved_bytes() -> int | None:
+    """This process's peak CUDA memory reserved by torch's caching allocator (what the planner predicts,
+    with the CUDA context); None off CUDA."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_reserved())
+    return None
+
+
+def gather_peak_memory() -> list[tuple[int, int | None]]:
+    """Every rank's peak memory, (allocated or CPU RSS, CUDA reserved or None). Collective: call on all ranks at
+    the same point (Trainer's on_log for a training log is: the Trainer itself gathers the loss there)."""
+    return [(int(a), r) for a, r in dist.all_gather_objects((peak_memory_bytes(), peak_reserved_bytes()))]
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops_per_device: float, devices: int) -> float:
