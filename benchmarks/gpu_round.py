@@ -42,7 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ print("COMPARE " + json.dumps({"same_keys": same_keys, "tensors": len(a), "max_a
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def tail(text: str | bytes | None, n: int = TAIL) -> str:
