@@ -237,3 +237,48 @@ def test_checkpoints_past_max_steps_are_kept_and_the_rerun_refused(tmp_path, tin
     assert result.returncode == 2
     assert "has checkpoints past train.max_steps=4 (newest: checkpoint-10)" in result.stderr
     assert (checkpoint / "trainer_state.json").exists() and not (run_dir / "config.yaml").exists()
+
+
+# ---- overwrite replaces only herd's own output, and only once the new one is whole ------------------------
+
+
+def test_generate_overwrite_leaves_a_file_herd_did_not_write(tmp_path):
+    from herd import jsonl_parts
+    from herd.errors import ConfigError
+
+    final = tmp_path / "answers.jsonl"
+    final.write_text("the user's own notes\n")
+    with pytest.raises(ConfigError, match="was not written by herd .* left as it is"):
+        jsonl_parts.begin(final, "settings", overwrite=True)
+    assert final.read_text() == "the user's own notes\n"
+
+
+def test_generate_overwrite_keeps_the_old_output_until_the_new_one_is_complete(tmp_path):
+    from herd import jsonl_parts
+
+    final = tmp_path / "answers.jsonl"
+    assert jsonl_parts.begin(final, "old", overwrite=False) is False
+    writer = jsonl_parts.PartWriter(final, 0)
+    writer.write([{"id": 0, "response": "old"}])
+    writer.close()
+    jsonl_parts.finalize(final, [0], {"fingerprint": "old"})
+    assert jsonl_parts.begin(final, "new", overwrite=True) is False
+    assert json.loads(final.read_text())["response"] == "old", "overwrite removed the old output up front"
+    writer = jsonl_parts.PartWriter(final, 0)
+    writer.write([{"id": 0, "response": "new"}])
+    writer.close()
+    jsonl_parts.finalize(final, [0], {"fingerprint": "new"})
+    assert json.loads(final.read_text())["response"] == "new"
+
+
+def test_merge_overwrite_refuses_a_folder_herd_did_not_merge(trained_run, tmp_path):
+    from tests.conftest import run_module
+
+    precious = tmp_path / "runs"
+    (precious / "run-1").mkdir(parents=True)
+    (precious / "run-1" / "adapter.bin").write_text("weeks of training")
+    result = run_module("infer.merge", f"run_dir={trained_run}", f"merge.output={precious}", "merge.overwrite=true",
+                        check=False)
+    assert result.returncode == 2
+    assert f"merge.overwrite: {precious} is not a model herd merged (no herd_merge.json)" in result.stderr
+    assert (precious / "run-1" / "adapter.bin").read_text() == "weeks of training"

@@ -152,10 +152,11 @@ def test_time_limits_in_slurm_formats(limit, seconds):
     assert slurm.time_seconds(limit) == seconds
 
 
-def test_preemption_callback_saves_and_stops_at_the_next_step(monkeypatch):
-    from herd.training.preempt import PREEMPTED_EXIT, Preemption
+@pytest.mark.parametrize("signum, status", [(signal.SIGUSR1, 124), (signal.SIGTERM, 124), (signal.SIGINT, 130)])
+def test_a_stop_signal_saves_and_stops_at_the_next_step(signum, status):
+    from herd.training.preempt import STOP_SIGNALS, Preemption
 
-    previous = signal.getsignal(signal.SIGUSR1)
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     try:
         callback = Preemption()
         args = SimpleNamespace(device="cpu")
@@ -164,14 +165,18 @@ def test_preemption_callback_saves_and_stops_at_the_next_step(monkeypatch):
         callback.on_step_end(args, state, control)
         assert not control.should_save and not callback.stopped
         callback.exit_if_stopped()  # no signal: training goes on to the end
-        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signum)
         callback.on_step_end(args, state, control)
         assert control.should_save and control.should_training_stop and callback.stopped
         with pytest.raises(SystemExit) as stopped:
             callback.exit_if_stopped()
-        assert stopped.value.code == PREEMPTED_EXIT
+        assert stopped.value.code == status
+        if signum == signal.SIGINT:  # a second Ctrl-C does not wait for the step
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
     finally:
-        signal.signal(signal.SIGUSR1, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 # ---- a real cluster ------------------------------------------------------------------------------------
