@@ -165,3 +165,33 @@ def test_changed_tokenization_code_is_a_new_cache_entry(messy_file, tmp_path, ti
     monkeypatch.undo()  # the original code again: its own cache entry, still there
     reused, _, report = load_splits(data, tiny_tokenizer)
     assert report.cache_hit and reused["input_ids"] == original["input_ids"]
+
+
+def test_a_damaged_cache_is_rebuilt_not_a_traceback(messy_file, tmp_path, tiny_tokenizer, capsys):
+    data = config(messy_file, tmp_path)
+    first = list(load_splits(data, tiny_tokenizer)[0]["input_ids"])  # read now: the dataset maps the cache files
+    [cache] = [p for p in (tmp_path / "cache").iterdir() if (p / "report.json").exists()]
+    for arrow in (cache / "train").glob("*.arrow"):
+        arrow.write_bytes(b"not arrow")
+    again, _, report = load_splits(data, tiny_tokenizer)
+    assert "is damaged" in capsys.readouterr().out and not report.cache_hit
+    assert list(again["input_ids"]) == list(first)
+
+
+@pytest.mark.parametrize("content, kind", [(None, "not_text"), (7, "not_text"), ("  ", "empty")])
+def test_a_system_message_that_is_not_text_is_a_bad_row(content, kind):
+    from herd.chat_format import ConversationError, validate_messages
+
+    messages = [{"role": "system", "content": content}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"}]
+    with pytest.raises(ConversationError) as error:
+        validate_messages(messages)
+    assert error.value.kind == kind
+
+
+def test_an_unknown_role_is_its_own_kind():
+    from herd.chat_format import ConversationError, validate_messages
+
+    with pytest.raises(ConversationError, match="role 'bot'; allowed: system, user, assistant") as error:
+        validate_messages([{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Hello"}])
+    assert error.value.kind == "unknown_role"

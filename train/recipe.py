@@ -207,8 +207,14 @@ def prepare_run_dir(setup: RunSetup, cfg: DictConfig) -> None:
 def load_data(setup: RunSetup) -> Data:
     """The tokenizer and the tokenized splits (rank 0 tokenizes and caches; the others read its cache)."""
     tokenizer = load_tokenizer(setup.job.model, setup.location)
+    refusal = None
     with setup.state.main_process_first():
-        train_data, eval_data, report = load_splits(setup.job.data, tokenizer)
+        try:
+            train_data, eval_data, report = load_splits(setup.job.data, tokenizer)
+        except HerdError as error:  # rank 0 still reaches the barrier; the others then refuse the same data
+            refusal = error
+    if refusal is not None:
+        raise refusal
     if setup.state.is_main_process:
         print(report.summary(), flush=True)
     return Data(tokenizer, train_data, eval_data, report)

@@ -16,7 +16,7 @@ from transformers import TextStreamer
 
 from herd.chat_format import format_llama2
 from herd.config.infer import InferJob
-from herd.errors import ConfigError
+from herd.errors import ConfigError, InputError
 from herd.inference import generate, load_for_inference, resolve_source, start_processes
 
 
@@ -29,7 +29,12 @@ def chat_prompt(system_prompt: str | None, history: list[dict], user: str) -> st
 
 def user_lines(interactive: bool) -> Iterator[str]:
     if not interactive:
-        yield from (line.rstrip("\n") for line in sys.stdin)
+        for number, raw in enumerate(sys.stdin.buffer, 1):
+            try:
+                yield raw.decode("utf-8").rstrip("\n")
+            except UnicodeDecodeError as error:
+                raise InputError(f"chat: standard input line {number} is not UTF-8 text ({error.reason}); "
+                                 "pipe text lines, one message each") from None
         return
     while True:
         try:

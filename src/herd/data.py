@@ -316,9 +316,16 @@ def load_splits(data_cfg: DataConfig, tokenizer) -> tuple[Dataset, Dataset | Non
     cache = resolve_path(data_cfg.cache_dir, must_exist=False) / cache_key(data_cfg, tokenizer)
     if (cache / "report.json").exists():
         log.info("reusing tokenized data from %s", cache)
-        report = DataReport(**json.loads((cache / "report.json").read_text()))
-        report.cache_hit = True
-        return (*_read_cache(cache), report)
+        try:
+            report = DataReport(**json.loads((cache / "report.json").read_text()))
+            report.cache_hit = True
+            return (*_read_cache(cache), report)
+        except Exception as error:  # noqa: BLE001 - whatever broke it, herd's own cache is rebuilt
+            print(f"herd: the tokenized data cache {cache} is damaged ({type(error).__name__}); tokenizing again",
+                  flush=True)
+            damaged = cache.with_name(f"{cache.name}.damaged-{random.getrandbits(32):08x}")
+            cache.rename(damaged)
+            shutil.rmtree(damaged, ignore_errors=True)
 
     train, evaluation, report = build_splits(data_cfg, tokenizer)
     partial = cache.with_name(f"{cache.name}.partial-{random.getrandbits(32):08x}")
