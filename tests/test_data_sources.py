@@ -481,7 +481,10 @@ def test_the_mix_trains_in_a_real_process(tmp_path, tiny_model_dir):
     result = run_module("train", *args, "data=mix", "data.max_samples=60", "data.eval_size=6",
                         "train.max_steps=2", "train.eval_steps=2", "train.save_steps=2", f"data.cache_dir={tmp_path / 'cache'}",
                         f"output_dir={tmp_path / 'run'}")
-    assert ("data: sources: guanaco_sample 400 rows, 0 bad, 27 train / 3 eval; alpaca_sample 200 rows, 0 bad, "
-            "13 train / 2 eval; sharegpt_sample 200 rows, 0 bad, 14 train / 1 eval") in result.stdout
+    # 60 samples at 2:1:1 are 30 + 15 + 15; the 6 eval samples 3 + 1.5 + 1.5, the tie to the earlier source
+    assert "data: 800 rows, " in result.stdout and "; 54 train / 6 eval samples" in result.stdout
+    assert re.search(r"data: sources: guanaco_sample 400 rows, \d+ bad \(too_long=\d+\), 27 train / 3 eval; "
+                     r"alpaca_sample 200 rows, \d+ bad \(too_long=\d+\), 13 train / 2 eval; "
+                     r"sharegpt_sample 200 rows, \d+ bad \(too_long=\d+\), 14 train / 1 eval", result.stdout)
     saved = OmegaConf.load(tmp_path / "run" / "config.yaml")
     assert [s.format for s in saved.data.sources] == ["guanaco", "alpaca", "sharegpt"]

@@ -201,7 +201,7 @@ def data_sources(data_cfg: DataConfig) -> list[Source]:
             raise ConfigError("data.path is not set: a hub data set id or a local file, or several data sets in "
                               "data.sources")
         return [_resolve(data_cfg, data_cfg, "data", in_mix=False)]
-    if data_cfg.path is not None:
+    if data_cfg.path not in (None, "???"):
         raise ConfigError(f"data.path={data_cfg.path} and data.sources are both set: one data set goes in data.path, "
                           "several in data.sources (set data.path=null)")
     sources = [_resolve(s, data_cfg, f"data.sources.{i}", in_mix=len(data_cfg.sources) > 1)

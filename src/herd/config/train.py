@@ -149,8 +149,8 @@ class SourceConfig:
 class DataConfig:
     name: str = MISSING
     # One data set: a hub id, a packaged builder (json, csv, parquet) with data_files, or a local .jsonl /
-    # .json / .csv / .parquet file. Left null with data.sources (several data sets, mixed).
-    path: str | None = None
+    # .json / .csv / .parquet file. null with data.sources (several data sets, mixed).
+    path: str | None = MISSING
     format: DataFormat = DataFormat.messages
     # Column holding the text (guanaco, llama2), the message list (messages, sharegpt), or alpaca's three
     # columns "instruction,input,output"; null = the format's default (FORMAT_FIELDS).
