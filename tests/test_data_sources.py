@@ -446,6 +446,11 @@ def test_mixes_from_the_command_line():
         "data=mix", ("data.sources=[{path: data/sample/alpaca_sample.csv, format: alpaca, samples: 150}, "
                     "{path: data/sample/sharegpt_sample.jsonl, format: sharegpt}]")]))
     assert [(s.format, s.samples) for s in cfg.data.sources] == [(DataFormat.alpaca, 150), (DataFormat.sharegpt, None)]
+    # infer reads a run's data config back from herd_run.json (plain JSON): the sources come back typed
+    from herd.inference import _structured
+
+    stored = json.loads(json.dumps(OmegaConf.to_container(OmegaConf.structured(cfg.data), enum_to_str=True)))
+    assert _structured(DataConfig, stored) == cfg.data
     for override, words in [("data.sources.1.weight=-1", "data.sources.1.weight=-1.0: must be > 0"),
                             ("data.sources.2.samples=0", "data.sources.2.samples=0: must be >= 1"),
                             ("data.sources.0.format=csv", "expected one of [messages, guanaco, llama2, alpaca, sharegpt]"),

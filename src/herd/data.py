@@ -13,7 +13,7 @@ four and the mixing arithmetic):
     check_source(data_cfg)        every source's config and files, checked before anything loads
     read_rows(source, report)     -> [(where, row)]: a local .jsonl/.json/.csv/.parquet file, or load_dataset()
     row_to_messages(row, source)  -> messages, or ConversationError naming the bad-row kind
-    apportion / mix_counts        how many samples each source gives (weights or counts; seeded, deterministic)
+    apportion / mix_counts        how many samples each source gives (weights or counts) from its Pool
     select_samples(data_cfg, tok) -> Selection: the train and eval (conversation, sample) pairs and the report
     build_splits / split_conversations / load_splits (cached): what train and infer call
 
@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from math import floor
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from datasets import Dataset, load_dataset, load_from_disk
@@ -463,9 +464,10 @@ def largest_mix(usable: list[int], weights: list[float]) -> int:
     return total
 
 
-class _Pool:
-    """One source's usable conversations in its seeded order, tokenized only as far as asked; rows dropped
-    on the way (too long, nothing to train on) are counted in the report."""
+class TokenizedPool:
+    """A Pool of one source's (conversation, tokenized sample) pairs: its conversations in their seeded order,
+    tokenized only as far as asked; rows dropped on the way (too long, nothing to train on) are counted in the
+    report."""
 
     def __init__(self, source: Source, conversations: list[tuple[str, list[dict]]], tokenizer,
                  data_cfg: DataConfig, report: DataReport):
@@ -508,15 +510,26 @@ class _Pool:
         return kept
 
 
-def mix_counts(data_cfg: DataConfig, sources: list[Source], pools: list[_Pool]) -> list[int]:
+class Pool(Protocol):
+    """A source's usable items in its seeded order, examined as far as asked (what mix_counts draws from)."""
+
+    def take(self, count: int | None) -> list:
+        """The first `count` usable items (fewer when the source has fewer; None: all of them)."""
+        ...
+
+
+def mix_counts(data_cfg: DataConfig, sources: list[Source], pools: list[Pool], report: DataReport) -> list[int]:
     """How many samples each source gives:
 
     - weights (on every source): the mix keeps their proportions (apportion); its size is data.max_samples,
-      else the largest mix that repeats no row (a source runs out: largest_mix). A source short of its share
-      of data.max_samples is refused.
+      else the largest mix that repeats no row (largest_mix; every source is then examined in full to know
+      its usable count). A source short of its share of data.max_samples is refused.
     - no weights: each source gives `samples` (refused when it has fewer usable), or all its usable rows;
       data.max_samples then cuts the mix to that size, each source keeping its share. A single data set with
       data.max_samples is a seeded subset, tokenized only as far as needed.
+
+    Under bad_rows=error a refusal names the bad rows first. `pools` may hold any items (Pool): preference
+    pairs mix by the same rules.
     """
     limit = data_cfg.max_samples
     if all(s.weight is not None for s in sources):
@@ -525,13 +538,12 @@ def mix_counts(data_cfg: DataConfig, sources: list[Source], pools: list[_Pool]) 
             return apportion(largest_mix([len(p.take(None)) for p in pools], weights), weights)
         counts = apportion(limit, weights)
         for source, pool, count in zip(sources, pools, counts):
-            if len(pool.take(count)) < count:
+            if len(usable := pool.take(count)) < count:
                 most = largest_mix([len(p.take(None)) for p in pools], weights)
-                _refuse_bad_rows(data_cfg, pools[0].report)
+                _refuse_bad_rows(data_cfg, report)
                 raise DataError(f"{source.key} ({source.name}): data.max_samples={limit} at these weights needs "
-                                f"{count} of its samples, it has {len(pool.usable)} usable"
-                                f"{_bad_note(pool)}; the largest mix at these weights is {most} (unset "
-                                "data.max_samples for it)")
+                                f"{count} of its samples, it has {len(usable)} usable{_bad_note(report, source)}; "
+                                f"the largest mix at these weights is {most} (unset data.max_samples for it)")
         return counts
     if len(sources) == 1 and sources[0].samples is None:
         return [len(pools[0].take(limit))]
@@ -539,18 +551,18 @@ def mix_counts(data_cfg: DataConfig, sources: list[Source], pools: list[_Pool]) 
     for source, pool in zip(sources, pools):
         got = len(pool.take(source.samples))
         if source.samples is not None and got < source.samples:
-            _refuse_bad_rows(data_cfg, pool.report)
+            _refuse_bad_rows(data_cfg, report)
             raise DataError(f"{source.key}.samples={source.samples} but {source.name} has {got} usable samples"
-                            f"{_bad_note(pool)}")
+                            f"{_bad_note(report, source)}")
         counts.append(got)
     if limit is not None and sum(counts) > limit:
         counts = apportion(limit, counts)
     return counts
 
 
-def _bad_note(pool: _Pool) -> str:
-    bad = pool.report.source(pool.source.name)["bad"]
-    return f" ({sum(bad.values())} bad: {pool.report.bad_kinds(bad)})" if bad else ""
+def _bad_note(report: DataReport, source: Source) -> str:
+    bad = report.source(source.name)["bad"]
+    return f" ({sum(bad.values())} bad: {report.bad_kinds(bad)})" if bad else ""
 
 
 # ---------------------------------------------------------------- the pipeline
@@ -588,10 +600,10 @@ def select_samples(data_cfg: DataConfig, tokenizer) -> Selection:
                 report.add_bad(error.kind, source.where(where), str(error), source.name)
         # One data set keeps data.seed's order as it always had; each source of a mix its own stream.
         random.Random(data_cfg.seed if not source.in_mix else f"{data_cfg.seed}:{source.name}").shuffle(conversations)
-        pools.append(_Pool(source, conversations, tokenizer, data_cfg, report))
+        pools.append(TokenizedPool(source, conversations, tokenizer, data_cfg, report))
     report.rows = sum(report.source(s.name)["rows"] for s in sources)
 
-    counts = mix_counts(data_cfg, sources, pools)
+    counts = mix_counts(data_cfg, sources, pools, report)
     taken = [pool.take(count) for pool, count in zip(pools, counts)]
     check_bad_rows(data_cfg, report, sum(counts))
     evals = apportion(_eval_count(data_cfg.eval_size, sum(counts)), counts)
