@@ -459,9 +459,9 @@ def test_mixes_from_the_command_line():
             check_config("train", ["data=mix", override])
 
 
-def test_the_readme_data_commands_compose_and_their_files_exist(tmp_path):
+def test_the_readme_data_commands_compose_and_their_files_exist(tmp_path, tiny_tokenizer):
     """Every `python -m train ...` line of the README's Data section composes, and names data that is there
-    (a hub line with a placeholder only composes)."""
+    (a hub line with a placeholder only composes); the summary it shows for data=mix is the one printed."""
     from herd.cli import check_config
 
     register_train_schema()
@@ -475,6 +475,11 @@ def test_the_readme_data_commands_compose_and_their_files_exist(tmp_path):
         if "<" not in command:
             check_source(cfg.data)
     assert (REPO / "conf" / "data" / "mix.yaml").read_text().count("- path: data/sample/") == 3
+    data_cfg = OmegaConf.to_object(check_config("train", ["data=mix", f"data.cache_dir={tmp_path}"])).data
+    shown = section.split("```\ndata: ", 1)[1].split("```", 1)[0]
+    printed = select_samples(data_cfg, tiny_tokenizer).report.summary()
+    assert ("data: " + shown).splitlines()[:2] == printed.splitlines()[:2]
+    assert printed.splitlines()[2].startswith(("data: " + shown).splitlines()[2].removesuffix("| ..."))
 
 
 def test_the_mix_trains_in_a_real_process(tmp_path, tiny_model_dir):

@@ -176,8 +176,7 @@ def _resolve(source: SourceConfig | DataConfig, data_cfg: DataConfig, key: str, 
     data_files = pick("data_files")
     data_files = tuple(str(f) for f in data_files) if data_files is not None else None
     config_name = pick("config_name")
-    name = getattr(source, "name", None) or (data_cfg.name if not in_mix else None) \
-        or _default_name(str(path), config_name, data_files)
+    name = data_cfg.name if key == "data" else source.name or _default_name(str(path), config_name, data_files)
     resolved = Source(
         key=key, name=str(name), path=str(path), format=data_format, field=str(column), split=str(pick("split")),
         config_name=config_name, revision=pick("revision"), data_files=data_files,
@@ -591,7 +590,7 @@ def select_samples(data_cfg: DataConfig, tokenizer) -> Selection:
     for source in sources:
         tally = report.source(source.name)
         rows = read_rows(source, report)
-        tally["rows"] = len(rows) + sum(tally["bad"].values())  # the rows a file could not even give count too
+        tally["rows"] = len(rows) + sum(tally["bad"].values())  # and the lines that were not rows (invalid_json/csv)
         conversations = []
         for where, row in rows:
             try:
