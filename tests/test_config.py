@@ -24,7 +24,7 @@ register_train_schema()
         (["peft.quant=nf5"], "expected one of [nf4, fp4, int8, none]"),
         (["data.bad_rows=ignore"], "expected one of [skip, error]"),
         (["model=llama3"], "unknown option 'llama3' for 'model'; allowed: llama2-13b, llama2-13b-chat"),
-        (["data=c4"], "unknown option 'c4' for 'data'; allowed: guanaco, guanaco-llama2-1k, jsonl, sample"),
+        (["data=c4"], "unknown option 'c4' for 'data'; allowed: guanaco, guanaco-llama2-1k, jsonl, mix, sample"),
         (["experiment=nope"], "unknown option 'nope' for 'experiment'"),
         (["data=jsonl"], "'data.path' must be set"),
         (["strategy=zero4"], "unknown option 'zero4' for 'strategy'; allowed: ddp, fsdp, single, zero2, zero3"),

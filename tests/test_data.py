@@ -96,9 +96,9 @@ def test_messages_format_and_parquet(tmp_path, tiny_tokenizer):
 
 
 def test_unknown_suffix_is_refused(tmp_path, tiny_tokenizer):
-    (tmp_path / "rows.csv").write_text("text\n")
-    with pytest.raises(InputError, match="suffix '.csv'; allowed: .jsonl, .json, .parquet"):
-        build_splits(config(tmp_path / "rows.csv", tmp_path), tiny_tokenizer)
+    (tmp_path / "rows.tsv").write_text("text\n")
+    with pytest.raises(InputError, match="suffix '.tsv'; allowed: .jsonl, .json, .csv, .parquet"):
+        build_splits(config(tmp_path / "rows.tsv", tmp_path), tiny_tokenizer)
 
 
 def test_tokenization_is_cached_and_reused(messy_file, tmp_path, tiny_tokenizer, monkeypatch):

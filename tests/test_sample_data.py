@@ -1,17 +1,26 @@
-"""The synthetic guanaco sample: deterministic, well-formed, and the bundled files match the generator."""
+"""The synthetic samples: deterministic, well-formed in every format, and the bundled files match the generator."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
-from herd.chat_format import format_llama2, guanaco_to_messages, llama2_to_messages
+from herd.chat_format import (
+    alpaca_to_messages,
+    format_llama2,
+    guanaco_to_messages,
+    llama2_to_messages,
+    sharegpt_to_messages,
+)
 from herd.fixtures.sample_data import (
     MAX_WORDS,
     MIN_WORDS,
+    generate_alpaca_rows,
     generate_conversations,
     generate_guanaco_rows,
     generate_llama2_rows,
+    generate_sharegpt_rows,
     main,
     write_sample,
 )
@@ -59,10 +68,42 @@ def test_llama2_rows_are_the_same_conversations():
     assert 20 < with_system < 120
 
 
+def test_alpaca_rows_are_single_exchanges_some_with_input():
+    rows = generate_alpaca_rows(200, seed=1)
+    assert all(set(row) == {"instruction", "input", "output"} for row in rows)
+    assert generate_alpaca_rows(50, seed=1) == rows[:50] and generate_alpaca_rows(50, seed=2) != rows[:50]
+    with_input = [row for row in rows if row["input"]]
+    assert 40 < len(with_input) < 120
+    for row in rows:
+        [user, answer] = alpaca_to_messages(row["instruction"], row["input"], row["output"])
+        assert answer["content"] == row["output"] and user["content"].endswith(row["input"])
+    assert len({(row["instruction"], row["input"], row["output"]) for row in rows}) == len(rows)
+
+
+def test_sharegpt_rows_are_the_conversations_with_some_system_turns():
+    rows = generate_sharegpt_rows(200, seed=2)
+    with_system = 0
+    for messages, row in zip(generate_conversations(200, seed=2), rows, strict=True):
+        parsed = sharegpt_to_messages(row["conversations"])
+        with_system += parsed[0]["role"] == "system"
+        assert [m for m in parsed if m["role"] != "system"] == messages
+    assert 20 < with_system < 120
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
 def test_bundled_files_match_the_generator():
-    # Regenerate with: python -m herd.fixtures.sample_data data/sample/guanaco_sample.jsonl (see the module docstring)
+    # Regenerate with the commands in src/herd/fixtures/sample_data.py's docstring
     assert read_jsonl(SAMPLE_DIR / "guanaco_sample.jsonl") == generate_guanaco_rows(400, seed=0)
     assert read_jsonl(SAMPLE_DIR / "llama2_sample.jsonl") == generate_llama2_rows(200, seed=0)
+    assert read_csv(SAMPLE_DIR / "alpaca_sample.csv") == generate_alpaca_rows(200, seed=1)
+    assert read_jsonl(SAMPLE_DIR / "sharegpt_sample.jsonl") == generate_sharegpt_rows(200, seed=2)
+    commands = (SAMPLE_DIR.parents[1] / "src/herd/fixtures/sample_data.py").read_text()
+    for path in SAMPLE_DIR.iterdir():
+        assert f"python -m herd.fixtures.sample_data data/sample/{path.name} " in commands, path.name
 
 
 def test_write_sample_and_cli(tmp_path, capsys):
@@ -71,3 +112,6 @@ def test_write_sample_and_cli(tmp_path, capsys):
     main([str(tmp_path / "cli.jsonl"), "--n", "5", "--seed", "2", "--format", "llama2"])
     assert capsys.readouterr().out.strip() == str(tmp_path / "cli.jsonl")
     assert read_jsonl(tmp_path / "cli.jsonl") == generate_llama2_rows(5, seed=2)
+    main([str(tmp_path / "cli.csv"), "--n", "4", "--seed", "3", "--format", "sharegpt"])  # lists as JSON text
+    assert [{"conversations": json.loads(row["conversations"])} for row in read_csv(tmp_path / "cli.csv")] == \
+        generate_sharegpt_rows(4, seed=3)

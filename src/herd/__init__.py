@@ -8,7 +8,7 @@ The module map (each module opens with the one line saying what it owns):
     dist            ranks, the run id, the SLURM job, the CPU launch env, collectives, process-group life
     rundir          the run directory's files; redaction: secrets kept out of every file
     chat_format     the Llama-2 chat format and converters into it
-    data            rows -> conversations -> tokenized, cached splits
+    data            data sets (files, hub, mixes) -> rows -> conversations -> tokenized, cached splits
     modeling        base model, tokenizer, quantization, LoRA (hub id or local path)
     lm_head         the loss head over labelled positions only
     packing         how packed conversations reach the model

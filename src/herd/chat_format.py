@@ -1,4 +1,4 @@
-"""The Llama-2 chat format, and converters into it from the text formats users start from.
+"""The Llama-2 chat format, and converters into it from the row formats users start from.
 
 One format, written once and used by training, generation, chat and the tokenizer's chat template:
 
@@ -173,3 +173,44 @@ def messages_to_guanaco(messages: list[dict]) -> str:
     """The inverse of guanaco_to_messages (system messages have no guanaco form and are dropped)."""
     names = {"user": "Human", "assistant": "Assistant"}
     return " ".join(f"### {names[m['role']]}: {m['content']}" for m in messages if m["role"] in names)
+
+
+def alpaca_to_messages(instruction: object, input: object, output: object) -> list[dict]:
+    """An Alpaca row as one exchange: the user turn is the instruction, then its input (when there is one)
+    after a blank line; the answer is the output. Raises ConversationError."""
+    if input is None or (isinstance(input, str) and not input.strip()):
+        user = instruction
+    elif not isinstance(input, str):
+        raise ConversationError("not_text", f"input is {type(input).__name__}, not a string")
+    elif isinstance(instruction, str) and instruction.strip():
+        user = f"{instruction.strip()}\n\n{input.strip()}"
+    else:
+        user = instruction  # counted below as empty or not text
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    validate_messages(messages)
+    return messages
+
+
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+
+
+def sharegpt_to_messages(turns: object) -> list[dict]:
+    """ShareGPT turns `[{"from": "human"|"gpt"|"system", "value": ...}, ...]` to messages; raises
+    ConversationError."""
+    if not isinstance(turns, list) or not all(isinstance(turn, dict) for turn in turns):
+        raise ConversationError("malformed", "not a list of {'from': ..., 'value': ...} turns")
+    messages = []
+    for index, turn in enumerate(turns):
+        speaker = turn.get("from")
+        if speaker not in SHAREGPT_ROLES:
+            raise ConversationError("unknown_role", f"turn {index} is from {speaker!r}; allowed: "
+                                    f"{', '.join(SHAREGPT_ROLES)}")
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn.get("value")})
+    validate_messages(messages)
+    return messages
+
+
+def messages_to_sharegpt(messages: list[dict]) -> list[dict]:
+    """The inverse of sharegpt_to_messages."""
+    speakers = {role: speaker for speaker, role in SHAREGPT_ROLES.items()}
+    return [{"from": speakers[m["role"]], "value": m["content"]} for m in messages]

@@ -66,7 +66,14 @@ def checked(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | 
 
 def first_violation(node: Any, prefix: str = "") -> str | None:
     """The first value in a composed config that breaks its field's Check, as one line; None if all hold.
-    Interpolations that cannot be resolved yet (Hydra's ${hydra:...} outside a run) are left alone."""
+    Interpolations that cannot be resolved yet (Hydra's ${hydra:...} outside a run) are left alone. Lists of
+    schemas (data.sources) are walked too, their items named as overrides name them: data.sources.1.weight."""
+    if isinstance(node, ListConfig) and not node._is_none() and not node._is_missing():
+        for index in range(len(node)):
+            found = first_violation(node._get_node(index), f"{prefix}{index}.")
+            if found:
+                return found
+        return None
     if not isinstance(node, DictConfig) or node._is_none() or node._is_missing():
         return None
     schema = OmegaConf.get_type(node)

@@ -9,6 +9,7 @@ read the schema alone live here too, for every module that needs them without to
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -63,6 +64,20 @@ class DataFormat(str, Enum):
     messages = "messages"  # a column of [{"role", "content"}, ...]
     guanaco = "guanaco"  # "### Human: ... ### Assistant: ..." text
     llama2 = "llama2"  # "<s>[INST] ... [/INST] ... </s>" text (the guanaco-llama2-1k subset)
+    alpaca = "alpaca"  # instruction / input / output columns: one user turn (instruction, then input), one answer
+    sharegpt = "sharegpt"  # a column of [{"from": "human"|"gpt"|"system", "value"}, ...]
+
+
+# The column(s) each format reads when `field` is left null. alpaca names its three columns, comma-separated
+# (instruction,input,output; a row may lack the input column): `field` may rename them, e.g. for Dolly's
+# instruction,context,response.
+FORMAT_FIELDS = {
+    DataFormat.messages: "messages",
+    DataFormat.guanaco: "text",
+    DataFormat.llama2: "text",
+    DataFormat.alpaca: "instruction,input,output",
+    DataFormat.sharegpt: "conversations",
+}
 
 
 class BadRows(str, Enum):
@@ -111,19 +126,50 @@ class PeftConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One data set of a mix (data.sources). A key left null takes the value of the same data.* key (format,
+    field, split, system_prompt, config_name, revision, data_files); path is the source's own."""
+
+    path: str = MISSING  # hub data set id, a packaged builder (json, csv, parquet) with data_files, or a local file
+    name: str | None = None  # in the report and bad-row lines; null = the file's stem or the hub id
+    format: DataFormat | None = None
+    field: str | None = None  # null: data.field, else the format's default column(s) (FORMAT_FIELDS)
+    split: str | None = None
+    config_name: str | None = None  # hub data set configuration (load_dataset's `name`), e.g. "wikitext-2-raw-v1"
+    revision: str | None = None  # hub branch, tag or commit to pin the data
+    data_files: list[str] | None = None  # load_dataset's data_files: files inside a hub repo, or local files
+    system_prompt: str | None = None
+    # How much of the mix this source makes up: a weight (every source then needs one; the mix keeps these
+    # proportions) or an exact count of samples; neither = all of its usable rows. herd.data.mix_counts.
+    weight: float | None = checked(None, above=0)
+    samples: int | None = checked(None, at_least=1)
+
+
+@dataclass
 class DataConfig:
     name: str = MISSING
-    path: str = MISSING  # hub data set id, or a local .jsonl / .json / .parquet file
+    # One data set: a hub id, a packaged builder (json, csv, parquet) with data_files, or a local .jsonl /
+    # .json / .csv / .parquet file. null with data.sources (several data sets, mixed).
+    path: str | None = MISSING
     format: DataFormat = DataFormat.messages
-    field: str = "text"  # column holding the text (guanaco, llama2) or the message list (messages)
+    # Column holding the text (guanaco, llama2), the message list (messages, sharegpt), or alpaca's three
+    # columns "instruction,input,output"; null = the format's default (FORMAT_FIELDS).
+    field: str | None = None
     split: str = "train"  # split of a hub data set to read
+    config_name: str | None = None  # hub data set configuration (load_dataset's `name`)
+    revision: str | None = None  # hub branch, tag or commit to pin the data
+    data_files: list[str] | None = None  # load_dataset's data_files: files inside a hub repo, or local files
     system_prompt: str | None = None  # added to conversations that have none
-    max_samples: int | None = checked(None, at_least=1)  # seeded subset taken before the split (1000, 10000, ...)
+    # Several data sets in one run, each with its own path, format, field, ...: the keys above are then the
+    # defaults of every source, data.path stays null. Mixed by weights or sample counts (SourceConfig).
+    sources: list[SourceConfig] = dataclasses.field(default_factory=list)
+    # Seeded subset taken before the split (1000, 10000, ...); with sources, the size of the mix.
+    max_samples: int | None = checked(None, at_least=1)
     eval_size: float = checked(0.05, rule=eval_size_rule)  # fraction (<1) or count (>=1) of samples held out for evaluation
     max_seq_len: int = checked(1024, at_least=8)  # tokens; longer conversations are bad rows ("too_long")
     assistant_only_loss: bool = True  # loss on assistant tokens only; False trains on the whole text
     bad_rows: BadRows = BadRows.skip
-    seed: int = checked(42, at_least=0)  # for the subset and the split
+    seed: int = checked(42, at_least=0)  # for the subset, the mix and the split
     cache_dir: str = ".herd/cache/tokenized"  # tokenized data, keyed by a fingerprint of inputs
 
 
