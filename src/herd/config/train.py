@@ -177,14 +177,21 @@ class TrackingBackend(str, Enum):
     none = "none"  # no W&B; metrics.jsonl and loss.png are written in the run directory anyway
 
 
+def tags_rule(tags: list[str]) -> str | None:
+    long = [str(tag) for tag in tags if not 1 <= len(str(tag)) <= 64]
+    return f"W&B tags are 1 to 64 characters, got '{long[0][:20]}'" if long else None
+
+
 @dataclass
 class TrackingConfig:
     backend: TrackingBackend = TrackingBackend.none
-    project: str = "herd"
-    entity: str | None = None  # W&B team or user; None = the key's default entity
-    group: str | None = None  # None = the experiment (or model) name, plus the SLURM array job id
-    tags: list[str] = field(default_factory=list)
-    name: str | None = None  # None = <experiment>-<SLURM job id>, or the run directory's name off SLURM
+    # Keys left unset (None, no tags) take W&B's environment variable (WANDB_PROJECT, WANDB_ENTITY,
+    # WANDB_RUN_GROUP, WANDB_TAGS comma-separated, WANDB_NAME), else herd's default; the manifest records which.
+    project: str | None = None  # None = $WANDB_PROJECT, else "herd"
+    entity: str | None = None  # W&B team or user; None = $WANDB_ENTITY, else the key's default entity
+    group: str | None = None  # None = $WANDB_RUN_GROUP, else the experiment (or model) name + SLURM array job id
+    tags: list[str] = checked(factory=list, rule=tags_rule)  # noqa: RUF009 (a field()) empty = $WANDB_TAGS
+    name: str | None = None  # None = $WANDB_NAME, else <experiment>-<SLURM job id>, or the run directory's name
     log_adapter_artifact: bool = False  # upload the final adapter as a W&B model artifact (~160 MB on 7B r=16)
     sync_at_end: bool = False  # offline runs: `wandb sync` at the end when the network is reachable
 
