@@ -165,11 +165,20 @@ def compose_train(overrides: list[str], run_id: str, search_path: list[str] | No
 
 
 def check_launch(cfg: DictConfig, cluster: ClusterConfig) -> None:
-    """What the job would refuse only after queueing and loading: the strategy and the batch split."""
+    """What the job would refuse only after queueing and loading: the strategy, the batch split, the user's
+    DeepSpeed JSON against herd's settings (bf16 where the nodes have GPUs and train.precision is auto)."""
+    from herd.config.launch import check_deepspeed_file, deepspeed_file, read_deepspeed_file
+
     processes = cluster.nodes * procs_per_node(cluster)
     where = f"{cluster.nodes} node(s) x {procs_per_node(cluster)} process(es)"
     check_process_count(cfg.strategy.name, processes, f"the job runs {processes} processes ({where})")
     gradient_accumulation(cfg.train.global_batch_size, cfg.train.micro_batch_size, processes)
+    job = OmegaConf.to_object(cfg)
+    found = deepspeed_file(job, env={})  # the job's own accelerate launch carries no config file
+    if found is not None:
+        precision = job.train.precision.value
+        bf16 = precision == "bf16" or (precision == "auto" and cluster.gpus_per_node > 0)
+        check_deepspeed_file(read_deepspeed_file(*found), found[1], job, bf16, processes)
 
 
 def _without_key(overrides: list[str], key: str) -> list[str]:
@@ -206,8 +215,13 @@ def render(cluster_overrides: list[str], train_overrides: list[str], sweep: bool
         check_launch(cfg, cluster)
     explicit_dir = any(o.lstrip("+").partition("=")[0] == "output_dir" for o in train_overrides)
 
-    folders = [searchpath_override(search_path)] if search_path else []  # the job reads the same folders
-    setup = [f"# rendered by: python -m herd.slurm render {shlex.join(cluster_overrides + train_overrides + folders)}",
+    # the job reads the same config folders and files
+    baked = [searchpath_override(search_path)] if search_path else []
+    deepspeed_files = {cfg.strategy.deepspeed_config for cfg in configs} - {None}
+    if len(deepspeed_files) == 1 and not Path(next(iter(deepspeed_files))).expanduser().is_absolute():
+        # the job runs in the repository, not where this was rendered: the file as an absolute path
+        baked.append(f"strategy.deepspeed_config={_absolute(str(Path(next(iter(deepspeed_files))).expanduser()))}")
+    setup = [f"# rendered by: python -m herd.slurm render {shlex.join(cluster_overrides + train_overrides + baked)}",
              f"export HERD_REPO={shlex.quote(str(REPO_ROOT))}", 'cd "$HERD_REPO"']
     if cluster.gpus_per_node == 0:
         setup.append(f"export HERD_PROCS_PER_NODE={cluster.procs_per_node}")
@@ -219,7 +233,7 @@ def render(cluster_overrides: list[str], train_overrides: list[str], sweep: bool
         run_dir = _absolute(configs[0].output_dir)
         if not explicit_dir:
             run_dir = _fresh_dir(run_dir)
-        overrides = _without_key(train_overrides, "output_dir") + [f"output_dir={run_dir}"] + folders
+        overrides = _without_key(train_overrides, "output_dir") + [f"output_dir={run_dir}"] + baked
         setup.append(f"set -- {shlex.join(overrides)} \"$@\"")
         job_dir, log, array, run_dirs = run_dir, str(run_dir / "slurm-%j.out"), None, [run_dir]
     else:
@@ -236,7 +250,7 @@ def render(cluster_overrides: list[str], train_overrides: list[str], sweep: bool
     options = sbatch_options(cluster, log, array)  # refuses before anything is written
     job_dir.mkdir(parents=True, exist_ok=True)
     if sweep:
-        lines = [shlex.join(_without_key(task, "output_dir") + [f"output_dir={d}"] + folders)
+        lines = [shlex.join(_without_key(task, "output_dir") + [f"output_dir={d}"] + baked)
                  for task, d in zip(tasks, run_dirs)]
         (job_dir / SWEEP_FILE).write_text("\n".join(lines) + "\n")
     script = job_dir / SCRIPT

@@ -9,8 +9,10 @@ read the schema alone live here too, for every module that needs them without to
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -157,6 +159,17 @@ class TrainConfig:
     dataloader_num_workers: int = checked(0, at_least=0)
 
 
+def deepspeed_file_rule(path: str) -> str | None:
+    """A DeepSpeed config file that cannot be read as a JSON object (checked before anything imports)."""
+    try:
+        config = json.loads(Path(path).expanduser().read_text())
+    except OSError as error:
+        return f"cannot read it ({error.strerror or error})"
+    except ValueError as error:
+        return f"not valid JSON ({error})"
+    return None if isinstance(config, dict) else "a DeepSpeed config is a JSON object"
+
+
 @dataclass
 class StrategyConfig:
     name: Strategy = Strategy.single
@@ -166,6 +179,11 @@ class StrategyConfig:
     zero_stage: int = checked(0, one_of=("0", "2", "3"))  # DeepSpeed ZeRO stage (2 or 3) for zero2/zero3/zero3_offload, else 0
     offload_optimizer: bool = False  # DeepSpeed: optimizer states to CPU
     offload_params: bool = False  # DeepSpeed ZeRO-3: parameters to CPU
+    # zero2/zero3/zero3_offload: your DeepSpeed JSON, merged under herd's settings. It supplies what herd leaves
+    # open (bucket sizes, overlap_comm, stage-3 tuning ...); what herd decides (ZeRO stage, offload, bf16, batch
+    # sizes, clipping, optimizer, scheduler) it must leave out, set to "auto" or agree with, else the run is
+    # refused in one line (herd.config.launch). accelerate's deepspeed_config_file is read the same way.
+    deepspeed_config: str | None = checked(None, rule=deepspeed_file_rule)
     # single only: "auto" (or balanced, balanced_low_0, sequential) spreads the layers of one model over all
     # GPUs this process sees (naive model parallel: one GPU computes at a time); null = one device
     device_map: str | None = None
