@@ -109,6 +109,27 @@ MUTANTS = [
            'marker.get("build") == build_fingerprint()', '"build" in marker',
            ("tests/test_tiny.py",),
            "a tiny model built by other code is reused"),
+    Mutant("user-file-shadowed-silently", "src/herd/cli.py",
+           "                shadowed = _shadowed_file(config_name, dict(cfg.hydra.runtime.choices), search_path)",
+           "                shadowed = None",
+           ("tests/test_user_configs.py", "-k", "shadow"),
+           "a user's model/tiny.yaml is never read (conf/ is searched first) and nobody says so"),
+    Mutant("wandb-environment-over-config", "src/herd/training/tracking/wandb.py",
+           "    if configured:\n        return (list(configured) if key == \"tags\" else configured), f\"tracking.{key}\"",
+           "    if configured and not env.get(ENV_VARS[key]):\n"
+           "        return (list(configured) if key == \"tags\" else configured), f\"tracking.{key}\"",
+           ("tests/test_wandb_env.py", "-k", "config_wins"),
+           "WANDB_PROJECT and the rest override what the tracking config sets"),
+    Mutant("deepspeed-file-over-herd", "src/herd/config/launch.py",
+           "    return _merge(_merge({\"zero_optimization\": dict(_HERD_ZERO_DEFAULTS)}, user), herds)",
+           "    return _merge(_merge({\"zero_optimization\": dict(_HERD_ZERO_DEFAULTS)}, herds), user)",
+           ("tests/test_launch_files.py", "-k", "templates or agreeing"),
+           "the user's DeepSpeed JSON overrides herd's decisions (ZeRO-3 adapters saved without gathering)"),
+    Mutant("accelerate-ds-fields-kept", "src/herd/training/strategy.py",
+           "        os.environ.pop(ACCELERATE_DS_FIELDS, None)",
+           "        pass",
+           ("tests/test_launch_files.py", "-k", "dropped_once_checked"),
+           "an accelerate DeepSpeed config (TRL's zero2.yaml) makes accelerate refuse herd's DeepSpeed config"),
 ]
 
 

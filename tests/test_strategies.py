@@ -34,9 +34,9 @@ def job(strategy=Strategy.single, quant=Quant.nf4, storage="auto", stage=0, devi
     [
         ({"strategy": Strategy.single}, 2, "cuda", {}, "strategy=single but launched with 2 processes"),
         ({"strategy": Strategy.ddp}, 2, "cuda", {"ACCELERATE_USE_DEEPSPEED": "true"},
-         "the launch environment enables DeepSpeed (accelerate config) but strategy=ddp"),
+         "the accelerate config enables DeepSpeed but strategy=ddp; use strategy=zero2, zero3 or zero3_offload"),
         ({"strategy": Strategy.ddp}, 2, "cuda", {"ACCELERATE_USE_FSDP": "true"},
-         "the launch environment enables FSDP (accelerate config) but strategy=ddp"),
+         "the accelerate config enables FSDP but strategy=ddp; add strategy=fsdp"),
         ({"strategy": Strategy.fsdp, "quant": Quant.int8}, 2, "cuda", {}, "peft.quant=int8 cannot be sharded by FSDP"),
         ({"strategy": Strategy.fsdp, "storage": "uint8"}, 2, "cuda", {},
          "needs peft.quant_storage equal to the param dtype (bfloat16), got uint8"),

@@ -46,7 +46,8 @@ SECRETS = (FAKE_WANDB_KEY, FAKE_HF_TOKEN)
 @pytest.fixture
 def wandb_env(tmp_path, monkeypatch):
     """Offline W&B with its caches in a temp dir, and fake secrets in the environment."""
-    for name in ("WANDB_DIR", "WANDB_BASE_URL", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_ID", "SLURM_JOB_ID",
+    for name in ("WANDB_DIR", "WANDB_BASE_URL", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_GROUP", "WANDB_TAGS",
+                 "WANDB_NAME", "WANDB_RUN_ID", "SLURM_JOB_ID",
                  "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", PEAK_FLOPS_ENV):
         monkeypatch.delenv(name, raising=False)
     home = tmp_path / "wandb-home"

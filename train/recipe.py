@@ -236,7 +236,7 @@ def build(setup: RunSetup, cfg: DictConfig, preemption: Preemption, data: Data) 
         manifest = build_manifest(rundir.resolved_config(cfg), state.num_processes, job.strategy.name.value,
                                   strategy.distributed_type(trainer))
         rundir.write_json(setup.run_dir / MANIFEST, manifest)
-        tracker.add_manifest(manifest)
+        tracker.add_manifest(manifest, setup.run_dir / MANIFEST)  # + where the W&B run went, once it starts
     return Built(trainer, model, tokenizer, tracker, report, has_eval=eval_data is not None)
 
 

@@ -2,8 +2,9 @@
 
 The module map (each module opens with the one line saying what it owns):
     errors          HerdError and its kinds: what a user can fix, shown as one line
-    config/         typed Hydra schemas: train, infer, cluster (train: the strategy vocabulary too)
-    cli             validate the config, then run the entrypoint under Hydra (sweep directories too)
+    config/         typed Hydra schemas: train, infer, cluster (train: the strategy vocabulary too); launch:
+                    the user's accelerate and DeepSpeed files read against the strategy
+    cli             validate the config, then run the entrypoint under Hydra (sweeps, user config folders too)
     paths           where files are; the one atomic, durable file write
     dist            ranks, the run id, the SLURM job, the CPU launch env, collectives, process-group life
     rundir          the run directory's files; redaction: secrets kept out of every file

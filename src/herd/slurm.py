@@ -3,6 +3,7 @@
     python -m herd.slurm render [cluster=NAME] [cluster.KEY=VALUE ...] [train overrides ...]
     python -m herd.slurm submit [--wait] [cluster=NAME] [cluster.KEY=VALUE ...] [train overrides ...]
     python -m herd.slurm submit -m train.learning_rate=1e-4,2e-4,3e-4 [...]   # a sweep: ONE job array
+    python -m herd.slurm submit --config-dir ~/my-conf cluster=mysite experiment=mine    # your own configs
 
 `render` validates the training config (a bad key is refused here, not after hours in the queue), decides the
 run directory, writes the job script there (the #SBATCH lines from the cluster config, the overrides baked in)
@@ -97,8 +98,14 @@ def render_script(template: str, options: list[str], setup: list[str]) -> str:
     return "\n".join(rendered) + "\n"
 
 
-def split_arguments(argv: list[str]) -> tuple[list[str], list[str], set[str]]:
-    """(cluster overrides, train overrides, flags) from the command line."""
+def split_arguments(argv: list[str]) -> tuple[list[str], list[str], set[str], list[str]]:
+    """(cluster overrides, train overrides, flags, the user's config folders) from the command line. The
+    folders (--config-dir DIR, hydra.searchpath=[...]) are absolute file:// URIs, searched after conf/ for
+    the cluster and the training config alike."""
+    from herd.cli import user_search_path
+
+    search_path, argv = user_search_path(argv)
+    argv = [arg for arg in argv if not arg.startswith("hydra.searchpath=")]
     cluster, train, flags = [], [], set()
     for arg in argv:
         if arg.startswith("-"):
@@ -109,8 +116,8 @@ def split_arguments(argv: list[str]) -> tuple[list[str], list[str], set[str]]:
             train.append(arg)
     unknown = flags - {"-m", "--wait"}
     if unknown:
-        raise ConfigError(f"unknown option {min(unknown)}; allowed: -m/--multirun, --wait (submit)")
-    return cluster, train, flags
+        raise ConfigError(f"unknown option {min(unknown)}; allowed: -m/--multirun, --wait (submit), --config-dir DIR")
+    return cluster, train, flags, search_path
 
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
@@ -130,21 +137,21 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     return [list(combination) for combination in itertools.product(*choices)]
 
 
-def compose_cluster(overrides: list[str]) -> ClusterConfig:
+def compose_cluster(overrides: list[str], search_path: list[str] | None = None) -> ClusterConfig:
     from herd.cli import check_config
 
     register_cluster_schema()
-    cfg = check_config("slurm", overrides)
+    cfg = check_config("slurm", overrides, search_path or [])
     return OmegaConf.to_object(cfg.cluster)
 
 
-def compose_train(overrides: list[str], run_id: str) -> DictConfig:
+def compose_train(overrides: list[str], run_id: str, search_path: list[str] | None = None) -> DictConfig:
     """The resolved training config, refused in one line if bad; HERD_RUN_ID as the job will not know it."""
     from herd.cli import check_config
     from herd.config.train import register_train_schema
 
     register_train_schema()
-    cfg = check_config("train", overrides)
+    cfg = check_config("train", overrides, search_path or [])
     previous = os.environ.get("HERD_RUN_ID")
     os.environ["HERD_RUN_ID"] = run_id
     try:
@@ -158,11 +165,20 @@ def compose_train(overrides: list[str], run_id: str) -> DictConfig:
 
 
 def check_launch(cfg: DictConfig, cluster: ClusterConfig) -> None:
-    """What the job would refuse only after queueing and loading: the strategy and the batch split."""
+    """What the job would refuse only after queueing and loading: the strategy, the batch split, the user's
+    DeepSpeed JSON against herd's settings (bf16 where the nodes have GPUs and train.precision is auto)."""
+    from herd.config.launch import check_deepspeed_file, deepspeed_file, read_deepspeed_file
+
     processes = cluster.nodes * procs_per_node(cluster)
     where = f"{cluster.nodes} node(s) x {procs_per_node(cluster)} process(es)"
     check_process_count(cfg.strategy.name, processes, f"the job runs {processes} processes ({where})")
     gradient_accumulation(cfg.train.global_batch_size, cfg.train.micro_batch_size, processes)
+    job = OmegaConf.to_object(cfg)
+    found = deepspeed_file(job, env={})  # the job's own accelerate launch carries no config file
+    if found is not None:
+        precision = job.train.precision.value
+        bf16 = precision == "bf16" or (precision == "auto" and cluster.gpus_per_node > 0)
+        check_deepspeed_file(read_deepspeed_file(*found), found[1], job, bf16, processes)
 
 
 def _without_key(overrides: list[str], key: str) -> list[str]:
@@ -182,20 +198,30 @@ def _absolute(path: str) -> Path:
 
 
 def render(cluster_overrides: list[str], train_overrides: list[str], sweep: bool = False,
-           stamp: str | None = None) -> Job:
-    """Validate, decide the run directory (or sweep directory), write the job script there."""
-    cluster = compose_cluster(cluster_overrides)
+           stamp: str | None = None, search_path: list[str] | None = None) -> Job:
+    """Validate, decide the run directory (or sweep directory), write the job script there. `search_path`:
+    the user's config folders (absolute), searched by this check and, baked into the script, by the job."""
+    from herd.cli import searchpath_override
+
+    search_path = search_path or []
+    cluster = compose_cluster(cluster_overrides, search_path)
     stamp = stamp or datetime.now().strftime("%Y%m%d-%H%M%S")
     if not sweep and len(expand_sweep(train_overrides)) > 1:
         raise ConfigError("the overrides hold a sweep (a,b or range(...)); add -m (--multirun) to submit it as "
                           "a job array, or quote the value")
     tasks = expand_sweep(train_overrides) if sweep else [train_overrides]
-    configs = [compose_train(task, stamp) for task in tasks]
+    configs = [compose_train(task, stamp, search_path) for task in tasks]
     for cfg in configs:
         check_launch(cfg, cluster)
     explicit_dir = any(o.lstrip("+").partition("=")[0] == "output_dir" for o in train_overrides)
 
-    setup = [f"# rendered by: python -m herd.slurm render {shlex.join(cluster_overrides + train_overrides)}",
+    # the job reads the same config folders and files
+    baked = [searchpath_override(search_path)] if search_path else []
+    deepspeed_files = {cfg.strategy.deepspeed_config for cfg in configs} - {None}
+    if len(deepspeed_files) == 1 and not Path(next(iter(deepspeed_files))).expanduser().is_absolute():
+        # the job runs in the repository, not where this was rendered: the file as an absolute path
+        baked.append(f"strategy.deepspeed_config={_absolute(str(Path(next(iter(deepspeed_files))).expanduser()))}")
+    setup = [f"# rendered by: python -m herd.slurm render {shlex.join(cluster_overrides + train_overrides + baked)}",
              f"export HERD_REPO={shlex.quote(str(REPO_ROOT))}", 'cd "$HERD_REPO"']
     if cluster.gpus_per_node == 0:
         setup.append(f"export HERD_PROCS_PER_NODE={cluster.procs_per_node}")
@@ -207,7 +233,7 @@ def render(cluster_overrides: list[str], train_overrides: list[str], sweep: bool
         run_dir = _absolute(configs[0].output_dir)
         if not explicit_dir:
             run_dir = _fresh_dir(run_dir)
-        overrides = _without_key(train_overrides, "output_dir") + [f"output_dir={run_dir}"]
+        overrides = _without_key(train_overrides, "output_dir") + [f"output_dir={run_dir}"] + baked
         setup.append(f"set -- {shlex.join(overrides)} \"$@\"")
         job_dir, log, array, run_dirs = run_dir, str(run_dir / "slurm-%j.out"), None, [run_dir]
     else:
@@ -224,7 +250,8 @@ def render(cluster_overrides: list[str], train_overrides: list[str], sweep: bool
     options = sbatch_options(cluster, log, array)  # refuses before anything is written
     job_dir.mkdir(parents=True, exist_ok=True)
     if sweep:
-        lines = [shlex.join(_without_key(task, "output_dir") + [f"output_dir={d}"]) for task, d in zip(tasks, run_dirs)]
+        lines = [shlex.join(_without_key(task, "output_dir") + [f"output_dir={d}"] + baked)
+                 for task, d in zip(tasks, run_dirs)]
         (job_dir / SWEEP_FILE).write_text("\n".join(lines) + "\n")
     script = job_dir / SCRIPT
     script.write_text(render_script(TEMPLATE.read_text(), options, setup))
@@ -250,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip(), file=sys.stderr)
         return 2
     try:
-        cluster_overrides, train_overrides, flags = split_arguments(argv[1:])
-        job = render(cluster_overrides, train_overrides, sweep="-m" in flags)
+        cluster_overrides, train_overrides, flags, search_path = split_arguments(argv[1:])
+        job = render(cluster_overrides, train_overrides, sweep="-m" in flags, search_path=search_path)
     except HerdError as error:
         print(f"herd: invalid config: {error}", file=sys.stderr)
         return 2

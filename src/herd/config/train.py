@@ -10,8 +10,10 @@ read the schema alone live here too, for every module that needs them without to
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -203,6 +205,17 @@ class TrainConfig:
     dataloader_num_workers: int = checked(0, at_least=0)
 
 
+def deepspeed_file_rule(path: str) -> str | None:
+    """A DeepSpeed config file that cannot be read as a JSON object (checked before anything imports)."""
+    try:
+        config = json.loads(Path(path).expanduser().read_text())
+    except OSError as error:
+        return f"cannot read it ({error.strerror or error})"
+    except ValueError as error:
+        return f"not valid JSON ({error})"
+    return None if isinstance(config, dict) else "a DeepSpeed config is a JSON object"
+
+
 @dataclass
 class StrategyConfig:
     name: Strategy = Strategy.single
@@ -212,6 +225,11 @@ class StrategyConfig:
     zero_stage: int = checked(0, one_of=("0", "2", "3"))  # DeepSpeed ZeRO stage (2 or 3) for zero2/zero3/zero3_offload, else 0
     offload_optimizer: bool = False  # DeepSpeed: optimizer states to CPU
     offload_params: bool = False  # DeepSpeed ZeRO-3: parameters to CPU
+    # zero2/zero3/zero3_offload: your DeepSpeed JSON, merged under herd's settings. It supplies what herd leaves
+    # open (bucket sizes, overlap_comm, stage-3 tuning ...); what herd decides (ZeRO stage, offload, bf16, batch
+    # sizes, clipping, optimizer, scheduler) it must leave out, set to "auto" or agree with, else the run is
+    # refused in one line (herd.config.launch). accelerate's deepspeed_config_file is read the same way.
+    deepspeed_config: str | None = checked(None, rule=deepspeed_file_rule)
     # single only: "auto" (or balanced, balanced_low_0, sequential) spreads the layers of one model over all
     # GPUs this process sees (naive model parallel: one GPU computes at a time); null = one device
     device_map: str | None = None
@@ -223,14 +241,21 @@ class TrackingBackend(str, Enum):
     none = "none"  # no W&B; metrics.jsonl and loss.png are written in the run directory anyway
 
 
+def tags_rule(tags: list[str]) -> str | None:
+    long = [str(tag) for tag in tags if not 1 <= len(str(tag)) <= 64]
+    return f"W&B tags are 1 to 64 characters, got '{long[0][:20]}'" if long else None
+
+
 @dataclass
 class TrackingConfig:
     backend: TrackingBackend = TrackingBackend.none
-    project: str = "herd"
-    entity: str | None = None  # W&B team or user; None = the key's default entity
-    group: str | None = None  # None = the experiment (or model) name, plus the SLURM array job id
-    tags: list[str] = field(default_factory=list)
-    name: str | None = None  # None = <experiment>-<SLURM job id>, or the run directory's name off SLURM
+    # Keys left unset (None, no tags) take W&B's environment variable (WANDB_PROJECT, WANDB_ENTITY,
+    # WANDB_RUN_GROUP, WANDB_TAGS comma-separated, WANDB_NAME), else herd's default; the manifest records which.
+    project: str | None = None  # None = $WANDB_PROJECT, else "herd"
+    entity: str | None = None  # W&B team or user; None = $WANDB_ENTITY, else the key's default entity
+    group: str | None = None  # None = $WANDB_RUN_GROUP, else the experiment (or model) name + SLURM array job id
+    tags: list[str] = checked(factory=list, rule=tags_rule)  # noqa: RUF009 (a field()) empty = $WANDB_TAGS
+    name: str | None = None  # None = $WANDB_NAME, else <experiment>-<SLURM job id>, or the run directory's name
     log_adapter_artifact: bool = False  # upload the final adapter as a W&B model artifact (~160 MB on 7B r=16)
     sync_at_end: bool = False  # offline runs: `wandb sync` at the end when the network is reachable
 

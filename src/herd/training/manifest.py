@@ -18,8 +18,8 @@ PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "b
             "hydra-core", "wandb")
 # Environment knobs that change how a run behaves; anything secret-looking is never recorded.
 ENV_PREFIXES = ("SLURM_", "ACCELERATE_", "CUDA_", "NCCL_", "TORCH_", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
-                "WANDB_MODE", "WANDB_PROJECT", "OMP_NUM_THREADS", "MASTER_", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
-                "RANK", "LOCAL_RANK", "GROUP_RANK", "DS_", "HERD_", "PYTORCH_")
+                "WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_GROUP", "WANDB_TAGS", "WANDB_NAME", "OMP_NUM_THREADS", "MASTER_", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                "RANK", "LOCAL_RANK", "GROUP_RANK", "DS_", "HERD_", "PYTORCH_", "FSDP_")
 _SECRET_NAME = ("TOKEN", "KEY", "SECRET", "PASSWORD")
 
 

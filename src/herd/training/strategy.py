@@ -20,6 +20,15 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from herd import dist
+from herd.config.launch import (
+    ACCELERATE_DS_FIELDS,
+    check_accelerate_launch,
+    deepspeed_file,
+    deepspeed_settings,
+    herd_deepspeed,
+    merge_deepspeed,
+    read_deepspeed_file,
+)
 from herd.config.train import (
     DEEPSPEED,
     SHARDED,
@@ -27,7 +36,6 @@ from herd.config.train import (
     Strategy,
     TrainJob,
     check_process_count,
-    strategy_list,
 )
 from herd.errors import ConfigError
 
@@ -60,6 +68,10 @@ def prepare_launch(device: str, job: TrainJob) -> None:
         # would make (without it: "environment variable RANK expected" / "fsdp only works in distributed").
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(dist.free_port()))
+    if job.strategy.name in DEEPSPEED:
+        # The DeepSpeed fields of an accelerate config were checked against the strategy (check_compatibility)
+        # and herd's own DeepSpeed config carries them; left listed, accelerate would refuse that config.
+        os.environ.pop(ACCELERATE_DS_FIELDS, None)
     if deepspeed_on_cpu(job, device):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         # DeepSpeed compiles a shared-memory op on first use (~40 s) into a cache that two venvs would keep
@@ -102,12 +114,13 @@ def check_compatibility(job: TrainJob, world_size: int, dtype: torch.dtype, devi
         raise ConfigError(f"strategy.device_map={device_map} splits one model inside one process: only with "
                           f"strategy=single, got {name.value}; across processes use strategy=fsdp or zero3")
     check_process_count(name, world_size, f"launched with {world_size} processes")
-    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and name not in DEEPSPEED:
-        raise ConfigError(f"the launch environment enables DeepSpeed (accelerate config) but strategy={name.value}; "
-                          f"drop the DeepSpeed accelerate config or use strategy={strategy_list(DEEPSPEED)}")
-    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true" and name != Strategy.fsdp:
-        raise ConfigError(f"the launch environment enables FSDP (accelerate config) but strategy={name.value}; "
-                          "drop the FSDP accelerate config or use strategy=fsdp")
+    # accelerate launch --config_file F (or its flags): DeepSpeed / FSDP / mixed precision must agree with the
+    # strategy and precision; the user's DeepSpeed JSON (strategy.deepspeed_config or the accelerate config's
+    # deepspeed_config_file) must agree with herd's settings.
+    bf16 = dtype == torch.bfloat16
+    check_accelerate_launch(job, bf16, world_size, env, device)
+    if name in DEEPSPEED or job.strategy.deepspeed_config:
+        deepspeed_settings(job, bf16, world_size, env)
     if name == Strategy.fsdp and job.peft.quant == Quant.int8:
         raise ConfigError("peft.quant=int8 cannot be sharded by FSDP; use peft.quant=nf4 or strategy=ddp")
     if name in SHARDED and job.peft.quant in (Quant.nf4, Quant.fp4):
@@ -198,24 +211,13 @@ def trainer_kwargs(job: TrainJob, dtype: torch.dtype, device: str = "cuda") -> d
     return {}
 
 
-def deepspeed_config(job: TrainJob, dtype: torch.dtype) -> dict:
-    s = job.strategy
-    zero: dict = {"stage": s.zero_stage, "overlap_comm": True, "contiguous_gradients": True}
-    if s.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if s.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    if s.zero_stage == 3:
-        # Gather full weights at save time so the adapter is written as ordinary safetensors.
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-    return {
-        "zero_optimization": zero,
-        "bf16": {"enabled": dtype == torch.bfloat16},
-        "train_micro_batch_size_per_gpu": "auto",
-        "gradient_accumulation_steps": "auto",
-        "gradient_clipping": "auto",
-        "train_batch_size": "auto",
-    }
+def deepspeed_config(job: TrainJob, dtype: torch.dtype, env: dict[str, str] | None = None) -> dict:
+    """The DeepSpeed config the trainer gets: herd's settings over the user's DeepSpeed JSON, if any
+    (strategy.deepspeed_config or the accelerate config's deepspeed_config_file; checked in
+    check_compatibility)."""
+    herds = herd_deepspeed(job, dtype == torch.bfloat16)
+    found = deepspeed_file(job, env)
+    return merge_deepspeed(read_deepspeed_file(*found) if found else {}, herds)
 
 
 # ---------------------------------------------------------------- herd's FSDP2 (strategy=fsdp on CPU)
@@ -356,6 +358,9 @@ def distributed_facts(trainer, num_processes: int) -> dict:
         if engine is not None:  # what the engine really did, not what herd asked for
             facts["offload_optimizer"] = bool(engine.engine.zero_offload_optimizer())
             facts["offload_params"] = bool(engine.engine.zero_offload_param())
+            # tuning a user's DeepSpeed JSON may set (strategy.deepspeed_config): what the engine took
+            facts["overlap_comm"] = bool(engine.engine.zero_overlap_comm())
+            facts["reduce_bucket_size"] = int(engine.engine.zero_reduce_bucket_size())
     facts["devices"] = sorted({str(p.device) for p in trainer.model.parameters()})
     facts["quantized_linear_layers"] = sum(type(m).__name__ in ("Linear4bit", "Linear8bitLt")
                                            for m in trainer.model.modules())

@@ -41,9 +41,10 @@ from herd.training.tracking.wandb import (
     init_wandb,
     log_adapter_artifact,
     offline_run_dirs,
-    run_names,
+    run_facts,
     step_by_global_step,
     sync_offline,
+    wandb_target,
 )
 
 # Trainer's since-start averages (eval time included); herd logs its own per interval instead.
@@ -150,6 +151,8 @@ class HerdTracker(TrainerCallback):
         self.seq_len = seq_len
         self.base_name = base_name
         self.run = None  # the wandb Run, on rank 0 once started
+        self.wandb_facts: dict | None = None  # where the W&B run went (herd.training.tracking.wandb.run_facts)
+        self.manifest_path: Path | None = None
         self.mode: str | None = None
         self.is_main = False
         self.started = False
@@ -199,15 +202,28 @@ class HerdTracker(TrainerCallback):
             print(f"herd: W&B offline ({reason}); upload later with `wandb sync`", flush=True)
         model_name = (config.get("model") or {}).get("name") or "run"
         base = self.base_name or experiment_name() or model_name
-        name, group = run_names(self.tracking, base, self.run_dir)
-        self.run = init_wandb(self.tracking, self.run_dir, self.mode, name, group, config)
+        target = wandb_target(self.tracking, base, self.run_dir)
+        self.run = init_wandb(self.tracking, self.run_dir, self.mode, target["name"], target["group"], config)
         step_by_global_step(self.run)
+        self.wandb_facts = run_facts(self.run, self.mode, target)
+        self._record_wandb_in_manifest()
 
-    def add_manifest(self, manifest: dict) -> None:
-        """Record the run manifest in the W&B config (under "manifest"), before or after the run started."""
+    def add_manifest(self, manifest: dict, path: str | Path | None = None) -> None:
+        """Record the run manifest in the W&B config (under "manifest"), before or after the run started.
+        `path`: the manifest's file, which gets the W&B run's project, entity, group, name, tags, id and mode
+        (and where each came from: config, environment or herd) once the run has started."""
         self.manifest = manifest
+        self.manifest_path = Path(path) if path is not None else None
+        self._record_wandb_in_manifest()
         if self.run is not None:
             self.run.config.update({"manifest": redact(dict(manifest))}, allow_val_change=True)
+
+    def _record_wandb_in_manifest(self) -> None:
+        if self.wandb_facts is None or self.manifest is None:
+            return
+        self.manifest["wandb"] = redact(self.wandb_facts)
+        if self.manifest_path is not None:
+            rundir.write_json(self.manifest_path, self.manifest)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._start(args, state, model)

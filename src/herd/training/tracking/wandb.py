@@ -16,12 +16,14 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from herd import dist, rundir
 from herd.config.train import TrackingBackend, TrackingConfig
+from herd.errors import ConfigError
 from herd.paths import atomic_write
 from herd.redaction import redact
 
@@ -42,15 +44,59 @@ def experiment_name() -> str | None:
         return None
 
 
-def run_names(tracking: TrackingConfig, base: str, run_dir: Path, env: dict | None = None) -> tuple[str, str]:
-    """(name, group). Name: <base>-<SLURM job id> (<array job>_<task> for arrays), or the run directory's
-    name off SLURM. Group: <base>, or <base>-<array job id> so that one sweep's tasks group together."""
+# W&B's own environment variables, honoured for each key the tracking config leaves unset (null, or no tags):
+# the config wins, then the environment, then herd's default.
+ENV_VARS = {"project": "WANDB_PROJECT", "entity": "WANDB_ENTITY", "group": "WANDB_RUN_GROUP", "tags": "WANDB_TAGS",
+            "name": "WANDB_NAME"}
+DEFAULT_PROJECT = "herd"
+MAX_TAG_LENGTH = 64  # W&B refuses longer tags
+
+
+def _chosen(tracking: TrackingConfig, key: str, default: Any, env: Mapping[str, str]) -> tuple[Any, str]:
+    """(value, where it came from: tracking.<key>, the environment variable, or "herd")."""
+    configured = getattr(tracking, key)
+    if configured:
+        return (list(configured) if key == "tags" else configured), f"tracking.{key}"
+    from_env = (env.get(ENV_VARS[key]) or "").strip()
+    if from_env:
+        if key == "tags":  # W&B's format: comma-separated
+            tags = [tag.strip() for tag in from_env.split(",") if tag.strip()]
+            too_long = [tag for tag in tags if len(tag) > MAX_TAG_LENGTH]
+            if too_long:
+                raise ConfigError(f"WANDB_TAGS: tag '{too_long[0][:20]}...' is longer than W&B's "
+                                  f"{MAX_TAG_LENGTH} characters")
+            if tags:
+                return tags, ENV_VARS[key]
+            return default, "herd"
+        return from_env, ENV_VARS[key]
+    return default, "herd"
+
+
+def run_names(tracking: TrackingConfig, base: str, run_dir: Path, env: Mapping[str, str] | None = None
+              ) -> tuple[str, str]:
+    """(name, group): tracking.name / .group, else WANDB_NAME / WANDB_RUN_GROUP, else herd's. herd's name:
+    <base>-<SLURM job id> (<array job>_<task> for arrays), or the run directory's name off SLURM; herd's
+    group: <base>, or <base>-<array job id> so that one sweep's tasks group together."""
+    target = wandb_target(tracking, base, run_dir, env)
+    return target["name"], target["group"]
+
+
+def wandb_target(tracking: TrackingConfig, base: str, run_dir: Path, env: Mapping[str, str] | None = None
+                 ) -> dict[str, Any]:
+    """Where the W&B run goes: project, entity (None: the key's default entity), group, name and tags, each
+    from the tracking config, else W&B's environment variable (ENV_VARS), else herd's default; `from` says
+    which, per key."""
+    env = os.environ if env is None else env
     job = dist.slurm_job(env)
     if job is None:
         name, group = run_dir.name, base
     else:
         name, group = f"{base}-{job.tag}", (f"{base}-{job.array_job}" if job.array_job else base)
-    return tracking.name or name, tracking.group or group
+    defaults = {"project": DEFAULT_PROJECT, "entity": None, "group": group, "name": name, "tags": []}
+    target: dict[str, Any] = {"from": {}}
+    for key, default in defaults.items():
+        target[key], target["from"][key] = _chosen(tracking, key, default, env)
+    return target
 
 
 def _base_url() -> str:
@@ -173,11 +219,22 @@ def init_wandb(tracking: TrackingConfig, run_dir: Path, mode: str, name: str, gr
     _wait_for_a_fresh_second(directory, run_id)
     name, group = redact(name), redact(group)
     rundir.write_json(run_dir / RUN_NAMES_FILE, {"id": run_id, "name": name, "group": group})
+    target = wandb_target(tracking, "", run_dir)  # project, entity, tags: config, else environment, else herd's
+    if os.environ.get(ENV_VARS["tags"]):
+        # wandb parses WANDB_TAGS itself too, even with tags given, and fails on an empty item ("a,b,") or
+        # keeps blanks: it gets herd's reading (blanks and empty items dropped).
+        os.environ[ENV_VARS["tags"]] = ",".join(_chosen(TrackingConfig(), "tags", [], os.environ)[0])
     return wandb.init(
-        project=tracking.project, entity=tracking.entity, name=name, group=group,
-        tags=redact(list(tracking.tags)) or None, id=run_id, resume="allow", mode=mode,
+        project=redact(target["project"]), entity=target["entity"], name=name, group=group,
+        tags=redact(target["tags"]) or None, id=run_id, resume="allow", mode=mode,
         dir=str(directory), config=config, job_type=job_type, settings=wandb.Settings(**wandb_settings()),
     )
+
+
+def run_facts(run, mode: str, target: dict[str, Any]) -> dict[str, Any]:
+    """What the W&B run really got, for the manifest: W&B's own record of it, and where herd took each key."""
+    return {"id": run.id, "mode": mode, "project": run.project, "entity": run.entity or target["entity"],
+            "group": run.group, "name": run.name, "tags": list(run.tags or ()), "from": target["from"]}
 
 
 def step_by_global_step(run) -> None:
