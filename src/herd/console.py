@@ -11,8 +11,11 @@ noise's source, so nothing else is touched:
     DATASETS_VERBOSITY (unless set by the user), DeepSpeed ("Setting accelerator to CPU ..."; its logger
     resets its own level when imported, so a filter on it), bitsandbytes ("Failed to load CPU
     gemm_4bit_forward from kernels-community ... pip install kernels"), accelerate, peft, trl;
-  - transformers' `print("[INFO] Running in WANDB offline mode")` when it is imported with WANDB_MODE=offline
-    (a bare print: the import of that one module runs with a print that drops it);
+  - bare prints: transformers' "[INFO] Running in WANDB offline mode" (imported with WANDB_MODE=offline),
+    DeepSpeed's "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully" (each time an op
+    loads): those modules get a `print` of their own that drops these lines;
+  - distutils' INFO records: the gcc command lines DeepSpeed's op builders log when they probe the compiler
+    (on its "compilers" logger, or the root logger in older setuptools);
   - off a terminal (a pipe, a SLURM output file): the progress bars of datasets and huggingface_hub
     (transformers' "Loading weights", "Writing model shards"), whose carriage returns pile up into one line.
 
@@ -42,11 +45,15 @@ STACK = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bits
 _STACK_MODULES = r"(" + "|".join(STACK) + r")(\..*)?$"
 _WARNING_CATEGORIES = (FutureWarning, DeprecationWarning, PendingDeprecationWarning, UserWarning)
 # Loggers that keep the level set on them; transformers and datasets set theirs from the variables below.
-_QUIET_LOGGERS = ("bitsandbytes", "accelerate", "peft", "trl")
+# "compilers": distutils' compiler (vendored by setuptools) logs each command line at INFO, e.g. DeepSpeed's
+# op builders probing for libaio on every zero2/zero3 launch.
+_QUIET_LOGGERS = ("bitsandbytes", "accelerate", "peft", "trl", "compilers")
 _VERBOSITY_ENV = {"TRANSFORMERS_VERBOSITY": "error", "DATASETS_VERBOSITY": "error"}
 _NO_BARS_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
-# Prints at import time, by module: the module imports with a `print` that drops these lines.
-_IMPORT_PRINTS = {"transformers.integrations.integration_utils": re.compile(r"\[INFO\] Running in WANDB offline mode")}
+# Bare prints, by module: the module gets a `print` that drops these lines (_QuietPrints).
+_DS_BUILT = re.compile(r"DeepSpeed \S+ built successfully")  # each time a DeepSpeed op loads, built or cached
+_PRINTS = {"transformers.integrations.integration_utils": re.compile(r"\[INFO\] Running in WANDB offline mode"),
+           "deepspeed.comm.torch": _DS_BUILT, "deepspeed.comm.ccl": _DS_BUILT}
 
 
 def verbose() -> bool:
@@ -67,12 +74,19 @@ class _BelowError(logging.Filter):
         return record.levelno >= logging.ERROR
 
 
-class _QuietImport(importlib.abc.MetaPathFinder):
-    """Imports the modules of _IMPORT_PRINTS with a module-level `print` that drops the matching lines, once;
-    the module's own `print` is the builtin again after its import. Nothing else is redirected."""
+class _DistutilsInfo(logging.Filter):
+    """Drops the INFO records distutils logs on the root logger (its spawn's command lines)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or "_distutils" not in record.pathname
+
+
+class _QuietPrints(importlib.abc.MetaPathFinder):
+    """Imports the modules of _PRINTS with a module-level `print` that drops their known lines and prints the
+    rest: their bare prints (at import or later) have no logger or warning to filter. Nothing is redirected."""
 
     def find_spec(self, fullname, path, target=None):
-        pattern = _IMPORT_PRINTS.get(fullname)
+        pattern = _PRINTS.get(fullname)
         if pattern is None:
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
@@ -86,10 +100,7 @@ class _QuietImport(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             module.__dict__["print"] = quiet_print
-            try:
-                execute(module)
-            finally:
-                module.__dict__.pop("print", None)
+            execute(module)
 
         spec.loader.exec_module = exec_module
         return spec
@@ -112,8 +123,11 @@ def quiet_third_party() -> None:
     deepspeed = logging.getLogger("DeepSpeed")
     if not any(isinstance(f, _BelowError) for f in deepspeed.filters):
         deepspeed.addFilter(_BelowError())
-    if not any(isinstance(f, _QuietImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _QuietImport())
+    root = logging.getLogger()
+    if not any(isinstance(f, _DistutilsInfo) for f in root.filters):
+        root.addFilter(_DistutilsInfo())
+    if not any(isinstance(f, _QuietPrints) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietPrints())
 
 
 def _set_default_env(values: dict[str, str]) -> None:

@@ -18,8 +18,8 @@ import math
 import sys
 from typing import Any
 
-from tqdm.auto import tqdm
 from transformers import PrinterCallback, ProgressCallback
+from transformers.trainer_callback import tqdm  # the tqdm the Trainer draws its bars with
 
 from herd.console import interactive
 
