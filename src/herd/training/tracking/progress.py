@@ -4,7 +4,7 @@ The Trainer's own printing is replaced (`use_herd_console`): its PrinterCallback
 tqdm is off) and its ProgressCallback (the bar, which also writes the logs dict under it) go; on a terminal
 a bar without the dict comes back. herd's line (HerdTracker prints it on rank 0, through `step_line`) reads:
 
-    train step 10/20: loss 6.8790  lr 1.50e-03  grad norm 0.360  2367 tok/s  MFU 41.2%  peak mem 12.0 GiB  ETA 0:01:05
+    train step 10/20: loss 6.8790  lr 1.50e-03  grad norm 0.360  2367 tok/s  MFU 41.2%  peak mem 12.04 GiB  ETA 0:01:05
 
 tok/s: non-padding tokens per second of training over the interval since the last line, all processes;
 MFU: as herd.training.tracking.metrics defines it ("-" where the device's peak FLOP/s is unknown, e.g. CPU);
