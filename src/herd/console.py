@@ -7,8 +7,8 @@ noise's source, so nothing else is touched:
 
   - warnings (FutureWarning, DeprecationWarning, PendingDeprecationWarning, UserWarning) raised inside the
     stack's own modules (STACK): deprecations of APIs herd pins, not actionable by a user;
-  - the stack's logging below ERROR: transformers and datasets through TRANSFORMERS_VERBOSITY /
-    DATASETS_VERBOSITY (unless set by the user), DeepSpeed ("Setting accelerator to CPU ..."; its logger
+  - the stack's logging below ERROR: transformers, datasets and torch's C++ through TRANSFORMERS_VERBOSITY /
+    DATASETS_VERBOSITY / TORCH_CPP_LOG_LEVEL (unless set by the user), DeepSpeed ("Setting accelerator to CPU ..."; its logger
     resets its own level when imported, so a filter on it), bitsandbytes ("Failed to load CPU
     gemm_4bit_forward from kernels-community ... pip install kernels"), accelerate, peft, trl;
   - bare prints: transformers' "[INFO] Running in WANDB offline mode" (imported with WANDB_MODE=offline),
@@ -21,8 +21,8 @@ noise's source, so nothing else is touched:
 
 `HERD_VERBOSE=1` turns every filter off (progress bars still follow the terminal). An environment variable,
 not a config key: the noise starts at import, before Hydra composes a config, and under `accelerate launch`
-every rank inherits it. Not filtered: what C/C++ code writes to the file descriptors directly, and the
-output of processes herd does not run (the `accelerate launch` parent).
+every rank inherits it. Not filtered: what other C/C++ code (NCCL, CUDA, bitsandbytes' library) writes to
+the file descriptors itself, and the output of processes herd does not run (the `accelerate launch` parent).
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ _WARNING_CATEGORIES = (FutureWarning, DeprecationWarning, PendingDeprecationWarn
 # "compilers": distutils' compiler (vendored by setuptools) logs each command line at INFO, e.g. DeepSpeed's
 # op builders probing for libaio on every zero2/zero3 launch.
 _QUIET_LOGGERS = ("bitsandbytes", "accelerate", "peft", "trl", "compilers")
-_VERBOSITY_ENV = {"TRANSFORMERS_VERBOSITY": "error", "DATASETS_VERBOSITY": "error"}
+# TORCH_CPP_LOG_LEVEL: torch's C++ (c10) warnings, which C++ writes to stderr itself (e.g. ProcessGroupNCCL's);
+# read when torch is imported.
+_VERBOSITY_ENV = {"TRANSFORMERS_VERBOSITY": "error", "DATASETS_VERBOSITY": "error", "TORCH_CPP_LOG_LEVEL": "ERROR"}
 _NO_BARS_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
 # Bare prints, by module: the module gets a `print` that drops these lines (_QuietPrints).
 _DS_BUILT = re.compile(r"DeepSpeed \S+ built successfully")  # each time a DeepSpeed op loads, built or cached
