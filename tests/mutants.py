@@ -130,6 +130,16 @@ MUTANTS = [
            "        pass",
            ("tests/test_launch_files.py", "-k", "dropped_once_checked"),
            "an accelerate DeepSpeed config (TRL's zero2.yaml) makes accelerate refuse herd's DeepSpeed config"),
+    Mutant("merge-by-tensor-half-lora", "src/herd/tensor_merge.py",
+           "part[ADAPTER_NAME].weight = Parameter(tensor.to(device=device, dtype=torch.float32), requires_grad=False)",
+           "part[ADAPTER_NAME].weight = Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)",
+           ("tests/test_merge.py", "-k", "same_files"),
+           "the low-memory merge takes LoRA factors in the output dtype, not fp32 as PEFT loads them: bf16 weights "
+           "that differ from the in-memory merge's"),
+    Mutant("console-trainer-prints-dicts", "src/herd/training/tracking/progress.py",
+           "for kind in (PrinterCallback, ProgressCallback):", "for kind in (ProgressCallback,):",
+           ("tests/test_console.py", "-k", "non_tty"),
+           "off a terminal the Trainer's PrinterCallback stays: every logging step printed twice (its dict too)"),
 ]
 
 

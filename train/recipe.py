@@ -22,6 +22,7 @@ from trl import SFTConfig, SFTTrainer
 from herd import dist, lm_head, packing, rundir
 from herd.config.checks import check_library_names
 from herd.config.train import TrainJob, gradient_accumulation
+from herd.console import interactive
 from herd.data import DataReport, check_source, load_splits
 from herd.errors import HerdError
 from herd.modeling import (
@@ -44,6 +45,7 @@ from herd.training.preempt import Preemption
 from herd.training.run_lock import RunLock
 from herd.training.strategy import StrategySetup
 from herd.training.tracking.callback import HerdTracker
+from herd.training.tracking.progress import print_line, use_herd_console
 
 log = logging.getLogger("herd.train")
 
@@ -302,10 +304,12 @@ def last_train_loss(trainer) -> float | None:
 
 
 class EvalSummary(TrainerCallback):
-    """One line per evaluation: step, eval loss, perplexity and training throughput so far."""
+    """One line per evaluation: step, eval loss, perplexity and training throughput so far. The final
+    evaluation of a run whose last step was just evaluated repeats that line: not printed twice."""
 
     def __init__(self) -> None:
         self.started = time.perf_counter()
+        self.last: tuple[int, float] | None = None
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if not state.is_world_process_zero or not metrics or "eval_loss" not in metrics:
@@ -313,11 +317,11 @@ class EvalSummary(TrainerCallback):
         elapsed = time.perf_counter() - self.started
         tokens_per_s = state.num_input_tokens_seen / elapsed if state.global_step else 0.0
         loss = metrics["eval_loss"]
-        print(
-            f"eval step {state.global_step}: loss {loss:.4f}  ppl {math.exp(min(loss, 50)):.2f}  "
-            f"train {tokens_per_s:.0f} tok/s",
-            flush=True,
-        )
+        if self.last == (state.global_step, loss):
+            return
+        self.last = (state.global_step, loss)
+        print_line(f"eval step {state.global_step}: loss {loss:.4f}  ppl {math.exp(min(loss, 50)):.2f}  "
+                   f"train {tokens_per_s:.0f} tok/s")
 
 
 def training_arguments(job: TrainJob, run_dir: Path, dtype: torch.dtype, accumulation: int, *, has_eval: bool,
@@ -356,7 +360,7 @@ def training_arguments(job: TrainJob, run_dir: Path, dtype: torch.dtype, accumul
         packing=t.packing,
         packing_strategy="bfd",
         report_to="none",
-        disable_tqdm=False,
+        disable_tqdm=not interactive(),  # bars on a terminal only; herd's line per logging step either way
         ddp_find_unused_parameters=False,  # LoRA: every trainable parameter is used in every step
         **strategy_setup.trainer_arguments,  # device use (use_cpu, accelerator state), FSDP / DeepSpeed
     )
@@ -370,6 +374,7 @@ def build_trainer(model, args: SFTConfig, train_data, eval_data, tokenizer, call
     trainer = strategy_setup.trainer_class(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
                                            processing_class=tokenizer, callbacks=callbacks)
     trainer.add_callback(strategy.WrappedModelProbe(trainer))
+    use_herd_console(trainer)  # the Trainer prints no logs dict; its bar only on a terminal
     adapt_trainer(trainer, attn_implementation, strategy_setup.adapter_dtype, row_per_bin, herd_head)
     strategy_setup.shard(trainer.model)  # herd's FSDP2 only: after adapt_trainer, before train()
     return trainer

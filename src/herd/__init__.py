@@ -2,6 +2,7 @@
 
 The module map (each module opens with the one line saying what it owns):
     errors          HerdError and its kinds: what a user can fix, shown as one line
+    console         what a process prints: progress bars only on a terminal, the stack's known noise filtered
     config/         typed Hydra schemas: train, infer, cluster (train: the strategy vocabulary too); launch:
                     the user's accelerate and DeepSpeed files read against the strategy
     cli             validate the config, then run the entrypoint under Hydra (sweeps, user config folders too)
@@ -13,8 +14,9 @@ The module map (each module opens with the one line saying what it owns):
     modeling        base model, tokenizer, quantization, LoRA (hub id or local path)
     lm_head         the loss head over labelled positions only
     packing         how packed conversations reach the model
-    memory          the pure memory model of a QLoRA run, and its CLI (python -m herd.memory)
+    memory          the pure memory model of a QLoRA run and of a merge, and its CLI (python -m herd.memory)
     inference       what every infer command shares: load, batch, score, generate
+    tensor_merge    the low-memory LoRA merge: one weight at a time, sharded safetensors out
     jsonl_parts     crash-safe JSONL output written by several ranks
     slurm           render and submit the sbatch template (python -m herd.slurm)
     training/       training only: plan, strategy, checkpoints, preemption, manifest, faults, tracking/

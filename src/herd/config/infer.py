@@ -15,6 +15,7 @@ from hydra.core.config_store import ConfigStore
 
 from herd.config.checks import checked
 from herd.config.train import DataConfig, ModelConfig, Precision, Quant
+from herd.memory.merge import shard_size_rule
 
 
 class Split(str, Enum):
@@ -54,6 +55,15 @@ class MergeConfig:
     output: str | None = None  # directory; default <run_dir>/merged
     tolerance: float | None = checked(None, above=0)  # max |logit difference| allowed; default 1e-3 (fp32), 0.25 (bf16)
     overwrite: bool = False
+    # safetensors files of at most this size, with model.safetensors.index.json when there are several (the hub
+    # convention; save_pretrained's max_shard_size): bytes, or 500MB, 5GB (10^9), 2GiB (2^30)
+    max_shard_size: str = checked("5GB", rule=shard_size_rule)
+    # null (auto): the whole base in memory when the memory planner says it fits (herd.memory.merge), else one
+    # weight at a time (a base larger than the device or RAM; the check then reads the files, not logits);
+    # true / false force one way
+    low_memory: bool | None = None
+    # GB the merge may use on its device (GPU memory, or RAM with device=cpu); null: what is free there now
+    memory_gb: float | None = checked(None, above=0)
 
 
 @dataclass

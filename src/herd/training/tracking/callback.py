@@ -7,7 +7,8 @@ On rank 0 it
   - logs train loss, learning rate, grad norm, tokens/s, MFU, peak memory per device, eval loss and
     perplexity, with `train/global_step` as W&B's x axis;
   - appends every log event to `<run_dir>/metrics.jsonl` and draws `<run_dir>/loss.png`
-    (herd.training.tracking.local), with or without W&B.
+    (herd.training.tracking.local), with or without W&B;
+  - prints herd's one line per logging step (herd.training.tracking.progress), with or without W&B.
 Call `finish(adapter_dir)` after the final evaluation and save: it logs the adapter artifact, closes the
 run and, for offline runs with `sync_at_end`, uploads them.
 """
@@ -34,6 +35,7 @@ from herd.training.tracking.metrics import (
     gather_peak_memory,
     mfu,
 )
+from herd.training.tracking.progress import print_line, step_line
 from herd.training.tracking.wandb import (
     choose_mode,
     close_wandb,
@@ -161,6 +163,7 @@ class HerdTracker(TrainerCallback):
         self.peak_flops: float | None = None
         self.world_size = 1
         self._clock = _TrainingClock()
+        self._began: tuple[float, int] | None = None  # (time, global step) when train() began, for the ETA
 
     # -- start ------------------------------------------------------------------------------------------
     def _start(self, args, state, model) -> None:
@@ -228,6 +231,7 @@ class HerdTracker(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._start(args, state, model)
         self._clock.start(state.num_input_tokens_seen)
+        self._began = (time.perf_counter(), state.global_step)
 
     # -- throughput bookkeeping -------------------------------------------------------------------------
     def on_step_end(self, args, state, control, **kwargs):
@@ -251,6 +255,8 @@ class HerdTracker(TrainerCallback):
                 metrics.update(self._throughput(state))
             metrics["train/global_step"] = state.global_step
             self._record(kind, state.global_step, metrics)
+            if kind == "train":
+                print_line(step_line(state.global_step, state.max_steps, metrics, self._eta(state)))
         self._clock.skip_elapsed()
 
     @staticmethod
@@ -262,6 +268,16 @@ class HerdTracker(TrainerCallback):
             if reserved is not None:  # CUDA: the caching allocator's peak too (the planner predicts it)
                 metrics[f"memory/peak_reserved_gib_rank{rank}"] = reserved / 2**30
         return metrics
+
+    def _eta(self, state) -> float | None:
+        """Seconds left at the pace since train() began (evaluations and saves included)."""
+        if self._began is None or not state.max_steps:
+            return None
+        began_at, first_step = self._began
+        done = state.global_step - first_step
+        if done <= 0:
+            return None
+        return (time.perf_counter() - began_at) / done * max(state.max_steps - state.global_step, 0)
 
     def _throughput(self, state) -> dict[str, float]:
         tokens_per_s = self._clock.take_tokens_per_s(state.num_input_tokens_seen)
