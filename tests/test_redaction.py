@@ -124,8 +124,9 @@ def test_no_file_a_run_writes_holds_a_secret(tmp_path):
     environment and typed into free-text keys: data.system_prompt, tracking.name, tracking.tags."""
     import os
 
-    from herd.training.tracking.callback import offline_run_dirs, read_wandb_run
+    from herd.training.tracking.wandb import offline_run_dirs
     from tests.conftest import OFFLINE_ENV
+    from tests.wandb_reader import read_wandb_run
 
     sweep_dir, home, cache = tmp_path / "sweep", tmp_path / "wandb-home", tmp_path / "cache"
     env = {**os.environ, **OFFLINE_ENV, "HF_TOKEN": FAKE_HF_TOKEN, "WANDB_API_KEY": FAKE_WANDB_KEY,
