@@ -2,13 +2,14 @@
 
 The module map (each module opens with the one line saying what it owns):
     errors          HerdError and its kinds: what a user can fix, shown as one line
-    config/         typed Hydra schemas: train, infer, cluster (train: the strategy vocabulary too)
+    config/         typed Hydra schemas: train, infer, cluster (train: the strategy vocabulary too), dpo
     cli             validate the config, then run the entrypoint under Hydra (sweep directories too)
     paths           where files are; the one atomic, durable file write
     dist            ranks, the run id, the SLURM job, the CPU launch env, collectives, process-group life
     rundir          the run directory's files; redaction: secrets kept out of every file
     chat_format     the Llama-2 chat format and converters into it
     data            rows -> conversations -> tokenized, cached splits
+    preference      preference pairs (method=dpo) -> tokenized, cached splits
     modeling        base model, tokenizer, quantization, LoRA (hub id or local path)
     lm_head         the loss head over labelled positions only
     packing         how packed conversations reach the model
@@ -16,6 +17,6 @@ The module map (each module opens with the one line saying what it owns):
     inference       what every infer command shares: load, batch, score, generate
     jsonl_parts     crash-safe JSONL output written by several ranks
     slurm           render and submit the sbatch template (python -m herd.slurm)
-    training/       training only: plan, strategy, checkpoints, preemption, manifest, faults, tracking/
+    training/       training only: plan, strategy, dpo, checkpoints, preemption, manifest, faults, tracking/
     fixtures/       built locally for offline runs and tests: the tiny Llama, the sample data
 """
