@@ -196,6 +196,8 @@ def test_dpo_from_sft_run_directory(dpo_from_sft, trained_run):
     assert any(not torch.equal(adapter(run_dir)[k], sft_adapter[k]) for k in sft_adapter)  # the policy moved
     train = metrics_jsonl(run_dir)
     assert all(f"train/rewards/{key}" in train[-1] for key in ("chosen", "rejected", "margins", "accuracies"))
+    # The policy starts exactly at the SFT adapter, the reference's weights: the first step scores no margin.
+    assert train[0]["train/rewards/margins"] == 0.0 and train[0]["train/loss"] == pytest.approx(0.6931472, abs=1e-7)
     info = json.loads((run_dir / "herd_run.json").read_text())
     sft_info = json.loads((trained_run / "herd_run.json").read_text())
     assert info["method"] == "dpo" and info["data"] == sft_info["data"] and info["peft"]["r"] == sft_info["peft"]["r"]
