@@ -8,7 +8,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export WANDB_MODE ?= offline
 
-.PHONY: install demo test test-all lint system-packages mutants rehearsal
+.PHONY: install demo demo-dpo test test-all lint system-packages mutants rehearsal
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m train experiment=tiny-demo
 	$(PY) -m infer.generate run_dir=runs/tiny-demo generate.max_new_tokens=48
+
+# SFT then DPO on the tiny model (README, "Preference tuning"): the SFT demo (skipped when it has finished), then
+# DPO on the bundled preference pairs from its adapter; prints the eval reward margin before -> after.
+demo-dpo: $(STAMP)
+	$(PY) -m train experiment=tiny-demo
+	$(PY) -m train experiment=tiny-dpo-demo
 
 # Debian packages of the SLURM layer (slurmctld, slurmd, munge, shellcheck), installed here rather than by the
 # tests; without root it says what is missing and the SLURM tests skip, except under CI=true where both fail.

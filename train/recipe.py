@@ -21,6 +21,7 @@ from trl import SFTConfig, SFTTrainer
 
 from herd import dist, lm_head, packing, rundir
 from herd.config.checks import check_library_names
+from herd.config.dpo import Method
 from herd.config.train import TrainJob, gradient_accumulation
 from herd.console import interactive
 from herd.data import DataReport, check_source, load_splits
@@ -35,8 +36,9 @@ from herd.modeling import (
     resolve_precision,
 )
 from herd.paths import share_per_umask
+from herd.preference import load_pair_splits
 from herd.random_init import check_random_init
-from herd.training import strategy
+from herd.training import dpo, strategy
 from herd.training.checkpoints import CompleteMarker, finished_run, resume_point, set_aside
 from herd.training.faults import DebugFaults
 from herd.training.manifest import MANIFEST, build_manifest
@@ -91,7 +93,7 @@ class Data:
 class Built:
     """What the build phase hands to training and finishing."""
 
-    trainer: SFTTrainer
+    trainer: SFTTrainer  # a DPOTrainer with method=dpo (herd.training.dpo)
     model: torch.nn.Module  # the PEFT model the trainer trains
     tokenizer: object
     tracker: HerdTracker
@@ -164,6 +166,8 @@ def check_inputs(job: TrainJob, location: str) -> None:
     check_library_names(job.train.optimizer, job.train.lr_scheduler, job.model.attn_implementation)
     check_source(job.data)
     check_target_modules(job.model, job.peft, location)
+    if job.method == Method.dpo:
+        dpo.check_job(job, location)
 
 
 def lock_run_dir(setup: RunSetup) -> RunLock | None:
@@ -202,6 +206,7 @@ def prepare_run_dir(setup: RunSetup, cfg: DictConfig) -> None:
         rundir.write_config(setup.run_dir, cfg)
         print(f"herd: run directory {setup.run_dir}; strategy {setup.job.strategy.name.value}, "
               f"{state.num_processes} process(es), {setup.device}; gradient checkpointing {setup.checkpointing}"
+              + (f"; dpo, reference {dpo.reference_description(setup.job)}" if setup.job.method == Method.dpo else "")
               + (f"; resuming from {setup.resume_from.name}" if setup.resume_from else ""),
               flush=True)
 
@@ -212,7 +217,10 @@ def load_data(setup: RunSetup) -> Data:
     refusal = None
     with setup.state.main_process_first():
         try:
-            train_data, eval_data, report = load_splits(setup.job.data, tokenizer)
+            if setup.job.method == Method.dpo:  # preference pairs (herd.preference)
+                train_data, eval_data, report = load_pair_splits(setup.job.data, setup.job.dpo, tokenizer)
+            else:
+                train_data, eval_data, report = load_splits(setup.job.data, tokenizer)
         except HerdError as error:  # rank 0 still reaches the barrier; the others then refuse the same data
             refusal = error
     if refusal is not None:
@@ -227,13 +235,21 @@ def build(setup: RunSetup, cfg: DictConfig, preemption: Preemption, data: Data) 
     job, state = setup.job, setup.state
     tokenizer, train_data, eval_data, report = data.tokenizer, data.train, data.eval, data.report
     # The arguments come before the model: under ZeRO-3 they switch on sharded loading (zero.Init).
-    args = training_arguments(job, setup.run_dir, setup.dtype, setup.accumulation, has_eval=eval_data is not None,
-                              gradient_checkpointing=setup.gradient_checkpointing, strategy_setup=setup.strategy)
-    model = load_model(setup)
+    arguments = dpo.training_arguments if job.method == Method.dpo else training_arguments
+    args = arguments(job, setup.run_dir, setup.dtype, setup.accumulation, has_eval=eval_data is not None,
+                     gradient_checkpointing=setup.gradient_checkpointing, strategy_setup=setup.strategy)
     tracker = HerdTracker(job.tracking, setup.run_dir, cfg, seq_len=job.data.max_seq_len)
-    callbacks = [EvalSummary(), CompleteMarker(setup.run_dir, state), DebugFaults(), preemption, tracker]
-    trainer = build_trainer(model, args, train_data, eval_data, tokenizer, callbacks, setup.strategy,
-                            job.model.attn_implementation)
+    shared = [CompleteMarker(setup.run_dir, state), DebugFaults(), preemption, tracker]
+    if job.method == Method.dpo:
+        peft_cfg = dataclasses.replace(dpo.policy_peft(job, setup.location), quant_storage=setup.strategy.quant_storage)
+        model = dpo.load_policy(setup, peft_cfg)
+        trainer = dpo.build_trainer(model, dpo.load_reference(setup, peft_cfg), args, train_data, eval_data,
+                                    tokenizer, [dpo.DpoEvalSummary(), *shared], setup.strategy,
+                                    from_sft=bool(job.dpo.sft_run))
+    else:
+        model = load_model(setup)
+        trainer = build_trainer(model, args, train_data, eval_data, tokenizer, [EvalSummary(), *shared],
+                                setup.strategy, job.model.attn_implementation)
     if state.is_main_process:
         manifest = build_manifest(rundir.resolved_config(cfg), state.num_processes, job.strategy.name.value,
                                   strategy.distributed_type(trainer))
@@ -258,40 +274,51 @@ def train_and_finish(setup: RunSetup, cfg: DictConfig, built: Built, preemption:
     trainer.train(resume_from_checkpoint=str(setup.resume_from) if setup.resume_from else None)
     preemption.exit_if_stopped()  # checkpoint saved on every rank: exit 124, the SLURM job requeues
     evaluations = [e for e in trainer.state.log_history if "eval_loss" in e]
-    before = evaluations[0]["eval_loss"] if trainer.args.eval_on_start and evaluations else None
-    after = trainer.evaluate()["eval_loss"] if built.has_eval else None
+    first = evaluations[0] if trainer.args.eval_on_start and evaluations else None
+    final = trainer.evaluate() if built.has_eval else None
+    before, after = (first or {}).get("eval_loss"), (final or {}).get("eval_loss")
 
     adapter_dir = run_dir / rundir.ADAPTER_DIR
     trainer.save_model(str(adapter_dir))
     facts = strategy.distributed_facts(trainer, state.num_processes)
     if state.is_main_process:
+        if setup.job.method == Method.dpo:
+            dpo.keep_policy_adapter_only(adapter_dir)
         built.tokenizer.save_pretrained(str(adapter_dir))
         share_per_umask(adapter_dir)
-        write_records(setup, cfg, built, before, after, facts)
+        write_records(setup, cfg, built, (first, final), facts)
         print(f"eval loss {before} -> {after}" if before is not None else f"eval loss {after}")
+        if setup.job.method == Method.dpo and final:
+            print(dpo.margin_line(first, final))
         print(f"adapter: {adapter_dir}\nrun directory: {run_dir}", flush=True)
     built.tracker.finish(adapter_dir)
     state.wait_for_everyone()
     return RunResult(run_dir, adapter_dir, before, after)
 
 
-def write_records(setup: RunSetup, cfg: DictConfig, built: Built, before: float | None, after: float | None,
+def write_records(setup: RunSetup, cfg: DictConfig, built: Built, evaluations: tuple[dict | None, dict | None],
                   facts: dict) -> None:
-    """metrics.json (what ran and how it went) and herd_run.json (what infer needs to rebuild the model)."""
+    """metrics.json (what ran and how it went) and herd_run.json (what infer needs to rebuild the model);
+    evaluations: the metrics of the evaluations before and after training (None where none ran)."""
     trainer, resume_from = built.trainer, setup.resume_from
+    before, after = ((e or {}).get("eval_loss") for e in evaluations)
+    method = dpo.records(trainer, setup.job, *evaluations) if setup.job.method == Method.dpo else {}
     rundir.write_json(setup.run_dir / rundir.METRICS, {
         "eval_loss_before": before, "eval_loss_after": after, "global_step": trainer.state.global_step,
         "max_steps": trainer.state.max_steps,
         "final_train_loss": last_train_loss(trainer), "resumed_from": resume_from.name if resume_from else None,
         "data": built.report.summary(), "distributed": facts,
-        "packing": packing.packed_layout(trainer),
         "gradient_checkpointing": setup.checkpointing,
-        "lm_head": lm_head.head_that_ran(built.model),  # herd's head runs on CPU only, TRL's fused head elsewhere
+        # herd's head runs on CPU only, TRL's fused head elsewhere; DPO: herd.training.dpo.records
+        **(method or {"packing": packing.packed_layout(trainer), "lm_head": lm_head.head_that_ran(built.model)}),
     })
+    data = OmegaConf.to_container(cfg.data, enum_to_str=True)
     rundir.write_json(setup.run_dir / rundir.RUN_INFO, {
         "base_model": setup.location, "model": OmegaConf.to_container(cfg.model, enum_to_str=True),
         "peft": OmegaConf.to_container(cfg.peft, enum_to_str=True), "adapter": rundir.ADAPTER_DIR,
-        "data": OmegaConf.to_container(cfg.data, enum_to_str=True),
+        "data": data,
+        **(dpo.run_info(setup.job, setup.location, dpo.policy_peft(setup.job, setup.location), data)
+           if setup.job.method == Method.dpo else {}),
     })
 
 

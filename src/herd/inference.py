@@ -97,7 +97,9 @@ def resolve_source(job: InferJob) -> Source:
 
     peft_cfg = _structured(PeftConfig, info["peft"]) if "peft" in info else PeftConfig()
     quant = job.quant if job.quant is not None else (peft_cfg.quant if run_dir else Quant.none)
-    data_cfg = job.data if job.data is not None else (_structured(DataConfig, info["data"]) if info else None)
+    # A DPO run from the base records no conversations ("data": null): infer then needs data=... (or prompts)
+    data_cfg = job.data if job.data is not None else (_structured(DataConfig, info["data"]) if info.get("data")
+                                                       else None)
     return Source(model_cfg, location, replace(peft_cfg, quant=quant), adapter, tokenizer_location,
                   run_dir, data_cfg)
 

@@ -19,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from herd.config.checks import checked, eval_size_rule
+from herd.config.dpo import DpoConfig, Method
 from herd.errors import ConfigError
 
 
@@ -274,6 +275,8 @@ class TrainJob:
     # GB per GPU to plan for; None reads it from the GPU. Set it to plan for a cluster's GPUs from a laptop.
     device_memory_gb: float | None = checked(None, above=0)
     force: bool = False  # launch even when the plan says the job does not fit
+    method: Method = Method.sft  # set by the method/ group: sft (conversations) or dpo (preference pairs)
+    dpo: DpoConfig = field(default_factory=DpoConfig)  # method=dpo only (herd.config.dpo)
 
 
 def gradient_accumulation(global_batch_size: int, micro_batch_size: int, processes: int) -> int:

@@ -44,6 +44,10 @@ TRL_TOKEN_TILE, TRL_VOCAB_TILE = 4096, 32768  # trl.kernels.chunked_logprob tile
 # stage_1_and_2.py setup_buckets), once under ZeRO-3 (stage3.py). herd's config leaves DeepSpeed's default.
 DS_REDUCE_BUCKET = 500_000_000  # elements: deepspeed.runtime.zero.config reduce_bucket_size default
 DS_REDUCE_BUFFERS = {"zero2": 2, "zero3": 1, "zero3_offload": 1}
+# Preference tuning (DPO): what the reference policy costs. adapter_off: the policy's base with the adapter
+# switched off (a no-grad forward only); adapter_copy: + a frozen copy of the starting (SFT) adapter;
+# separate: + a second quantized base (with the SFT adapter when there is one: separate_adapter).
+REFERENCES = ("none", "adapter_off", "adapter_copy", "separate", "separate_adapter")
 
 
 def _weight_bytes(n: int, out_features: int, quant: str, double_quant: bool, c: int) -> int:
@@ -81,6 +85,10 @@ class Settings:
     loss_impl: str = "chunked"
     cpu_ram_efficient_loading: bool = True  # FSDP/ZeRO-3: only rank 0 materializes the checkpoint
     gpus_per_node: int | None = None  # None: all world_size GPUs on one node
+    # DPO: each sample (micro_batch counts samples) is a pair, its chosen and rejected sequences in one batch,
+    # and the reference policy runs a no-grad forward over both (REFERENCES); SFT: 1 and "none".
+    sequences_per_sample: int = 1
+    reference: str = "none"
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
@@ -88,6 +96,7 @@ class Settings:
             ("quant", self.quant, ("nf4", "int8", "none")),
             ("optimizer", self.optimizer, tuple(OPTIMIZER_BYTES)),
             ("loss_impl", self.loss_impl, ("chunked", "full")),
+            ("reference", self.reference, REFERENCES),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} {value!r} is not one of {allowed}")
@@ -121,6 +130,8 @@ class MemoryPlan:
                 f"{self.shape.name}: {s.strategy} x{s.world_size}, {quant}, seq {s.seq_len}, micro batch "
                 f"{s.micro_batch}, grad accum {s.grad_accum}, LoRA r={s.lora_r} on {','.join(s.lora_targets)}, "
                 f"checkpointing {'on' if s.gradient_checkpointing else 'off'}, {s.optimizer}, {s.loss_impl} loss"
+                + (f", DPO pairs ({s.sequences_per_sample} sequences each), reference {s.reference}"
+                   if s.reference != "none" else "")
             )
         ]
         lines += [f"  {k:<44}{v / GB:>8.2f} GB" for k, v in self.breakdown.items()]
@@ -203,13 +214,28 @@ def _states_per_gpu(s: Settings, z: _Sizes) -> dict[str, int]:
         b["DDP gradient buckets"] = z.lora_g  # DDP reduces through a flat copy of the grads
     if s.strategy in DS_REDUCE_BUFFERS:
         b["DeepSpeed reduce buckets"] = DS_REDUCE_BUFFERS[s.strategy] * DS_REDUCE_BUCKET * s.compute_dtype_bytes
+    if s.reference in ("separate", "separate_adapter"):  # a second quantized base, placed like the first
+        b["reference model weights"] = keep * (z.linear_w + z.other_w) // shard
+    if s.reference in ("adapter_copy", "separate_adapter"):  # the frozen starting adapter: no grads, no states
+        b["reference adapter (fp32)"] = keep * z.lora_p // shard
     return b
+
+
+def _reference_forward(shape: ModelShape, s: Settings, tokens: int) -> int:
+    """Peak transient of the reference policy's no-grad forward, which runs while the policy's activations
+    are held: one decoder layer's working set at a time (attention block or MLP block, whichever is larger:
+    residual, norm output and the block's intermediates), one weight dequantized, then the LM head's tile."""
+    c, h, i = s.compute_dtype_bytes, shape.hidden_size, shape.intermediate_size
+    kv = shape.num_kv_heads * shape.hd
+    block = max(c * (4 * h + 2 * kv), c * (2 * h + 3 * i))
+    dequantized = c * max(a * bb for a, bb in shape.linears().values()) if s.quant != "none" else 0
+    return tokens * block + dequantized
 
 
 def _activations_per_gpu(shape: ModelShape, s: Settings) -> dict[str, int]:
     """Stored activations and the larger of the two transient phases (loss head, layer backward)."""
     c, h, V = s.compute_dtype_bytes, shape.hidden_size, shape.vocab_size
-    tokens = s.micro_batch * s.seq_len
+    tokens = s.micro_batch * s.sequences_per_sample * s.seq_len
     per_layer = _layer_saved_per_token(shape, s)
     # Backward transients: grads of the residual stream in and out (2 x h), of the gate and up branches
     # (2 x intermediate), plus one weight dequantized to bf16 by bitsandbytes for grad_input.
@@ -229,10 +255,12 @@ def _activations_per_gpu(shape: ModelShape, s: Settings) -> dict[str, int]:
     else:  # TRL fused head: one [4096, 32768] bf16 tile, masked hidden copy, fp32 grad of hidden
         tile = min(tokens, TRL_TOKEN_TILE) * min(V, TRL_VOCAB_TILE) * c
         loss_phase = final_norm + tile + tokens * h * (c + 4)
-    if loss_phase >= layer_phase:
-        b["peak transient: logits + loss"] = loss_phase
-    else:
-        b[f"peak transient: layer {'recompute + ' * s.gradient_checkpointing}backward"] = layer_phase
+    phases = {"peak transient: logits + loss": loss_phase,
+               f"peak transient: layer {'recompute + ' * s.gradient_checkpointing}backward": layer_phase}
+    if s.reference != "none":
+        phases["peak transient: reference forward (no grad)"] = _reference_forward(shape, s, tokens)
+    name = max(phases, key=phases.get)  # the first of equals: loss, layer, reference
+    b[name] = phases[name]
     return b
 
 
@@ -266,7 +294,7 @@ def estimate_settings(shape: ModelShape, s: Settings) -> MemoryPlan:
         notes.append("single/ddp cpu_offload assumes an optimizer that keeps its states on CPU")
     if s.optimizer == "paged_adamw_8bit":
         notes.append("paged optimizer states are counted on the GPU; under pressure they page to CPU")
-    tokens_per_step = s.micro_batch * w * s.grad_accum * s.seq_len
+    tokens_per_step = s.micro_batch * s.sequences_per_sample * w * s.grad_accum * s.seq_len
     return MemoryPlan(shape, s, b, load, offloaded, tokens_per_step, notes)
 
 

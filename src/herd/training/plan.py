@@ -8,6 +8,7 @@ import shlex
 import sys
 from dataclasses import replace
 
+from herd.config.dpo import Method, Reference
 from herd.config.train import Quant, Strategy, TrainJob
 from herd.errors import ConfigError
 from herd.memory import GB, MemoryPlan, ModelShape, Settings, estimate_settings, load_model_shape, suggest
@@ -34,7 +35,20 @@ def job_settings(job: TrainJob, world_size: int) -> Settings:
         optimizer="paged_adamw_8bit" if "8bit" in job.train.optimizer else "adamw",
         cpu_offload=job.strategy.cpu_offload or job.strategy.offload_optimizer,
         grad_accum=max(1, job.train.global_batch_size // (job.train.micro_batch_size * world_size)),
+        **preference_settings(job),
     )
+
+
+def preference_settings(job: TrainJob) -> dict:
+    """DPO: two sequences per pair, and the reference policy the job keeps (herd.training.dpo)."""
+    if job.method != Method.dpo:
+        return {}
+    from_sft = bool(job.dpo.sft_run)
+    if job.dpo.reference == Reference.separate:
+        reference = "separate_adapter" if from_sft else "separate"
+    else:
+        reference = "adapter_copy" if from_sft else "adapter_off"
+    return {"sequences_per_sample": 2, "reference": reference}
 
 
 def plan_job(job: TrainJob, world_size: int, location: str,
