@@ -39,8 +39,17 @@ from herd import chat_format, data
 from herd.chat_format import ConversationError, format_llama2, validate_messages, with_system_prompt
 from herd.config.dpo import DpoConfig
 from herd.config.train import DataConfig
-from herd.data import DataReport, check_bad_rows, longest_token_chars, read_rows, source_fingerprint
+from herd.data import (
+    DataReport,
+    Source,
+    check_bad_rows,
+    data_sources,
+    longest_token_chars,
+    read_rows,
+    source_fingerprint,
+)
 from herd.data import tokenizer_fingerprint as tokenizer_key
+from herd.errors import ConfigError
 from herd.paths import code_fingerprint, resolve_path
 
 log = logging.getLogger(__name__)
@@ -181,11 +190,20 @@ def tokenize_pairs(pairs: list[Pair], tokenizer) -> list[dict]:
 # ---------------------------------------------------------------- the pipeline
 
 
+def pair_source(data_cfg: DataConfig) -> Source:
+    """The one data set preference pairs are read from (data.path, or a single entry of data.sources)."""
+    sources = data_sources(data_cfg)
+    if len(sources) != 1:
+        raise ConfigError(f"method=dpo reads one data set; data.sources lists {len(sources)} (mixing preference "
+                          "data sets is not supported yet): give one in data.path")
+    return sources[0]
+
+
 def select_pairs(data_cfg: DataConfig, dpo_cfg: DpoConfig, tokenizer) -> tuple[list[Pair], list[dict], DataReport]:
     """The usable pairs (shuffled with data.seed, subset to data.max_samples) and their samples, in split
     order (the eval split first), as data.select_samples does for conversations."""
     report = DataReport()
-    rows = read_rows(data_cfg, report)
+    rows = read_rows(pair_source(data_cfg), report)
     report.rows = len(rows) + sum(report.bad.values())
     pairs = []
     for where, row in rows:
@@ -248,7 +266,7 @@ def cache_key(data_cfg: DataConfig, dpo_cfg: DpoConfig, tokenizer) -> str:
     """The data, the tokenizer, every data setting and the pair settings, and the source of this code."""
     settings = {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(data_cfg).items()
                 if k not in ("name", "cache_dir")}
-    payload = json.dumps({"code": code_fingerprint(TOKENIZATION_CODE), "source": source_fingerprint(data_cfg),
+    payload = json.dumps({"code": code_fingerprint(TOKENIZATION_CODE), "source": source_fingerprint(pair_source(data_cfg)),
                           "tokenizer": tokenizer_key(tokenizer), "settings": settings,
                           "max_prompt_length": dpo_cfg.max_prompt_length}, sort_keys=True, default=str)
     return "pairs-" + hashlib.sha256(payload.encode()).hexdigest()[:20]
