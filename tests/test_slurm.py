@@ -153,9 +153,10 @@ def test_time_limits_in_slurm_formats(limit, seconds):
 
 
 @pytest.mark.parametrize("signum, status", [(signal.SIGUSR1, 124), (signal.SIGTERM, 124), (signal.SIGINT, 130)])
-def test_a_stop_signal_saves_and_stops_at_the_next_step(signum, status):
+def test_a_stop_signal_saves_and_stops_at_the_next_step(signum, status, monkeypatch):
     from herd.training.preempt import STOP_SIGNALS, Preemption
 
+    monkeypatch.setenv("HERD_SIGTERM_GRACE_S", "1e9")  # this process is the test run: SIGTERM's deadline never comes
     previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     try:
         callback = Preemption()
@@ -177,6 +178,17 @@ def test_a_stop_signal_saves_and_stops_at_the_next_step(signum, status):
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        signal.set_wakeup_fd(-1)
+
+
+def test_a_process_still_running_after_sigterm_grace_ends_as_sigterm_would():
+    """A rank blocked where no step ends (a peer died inside a collective) must not outlive the launcher's
+    SIGTERM: HERD_SIGTERM_GRACE_S after it, it ends with -15, what torch's launcher expects."""
+    code = ("import os, signal, time; from herd.training.preempt import Preemption; p = Preemption(); "
+            "os.kill(os.getpid(), signal.SIGTERM); time.sleep(60)")
+    blocked = subprocess.run([sys.executable, "-c", code], env={**os.environ, "HERD_SIGTERM_GRACE_S": "0.5"},
+                             timeout=50)
+    assert blocked.returncode == -signal.SIGTERM
 
 
 # ---- a real cluster ------------------------------------------------------------------------------------

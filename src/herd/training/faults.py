@@ -27,7 +27,10 @@ def kill_self(reason: str) -> None:
 
 def wandb_has_step(run_dir: Path, step: int) -> bool:
     """True once the newest offline W&B run of run_dir has a history row at `step` in its file."""
-    from herd.training.tracking.callback import offline_run_dirs, read_wandb_run
+    # A test hook: the .wandb reader lives with the tests (its only users); runs started by the tests run from
+    # the repository root, where `tests` imports.
+    from herd.training.tracking.wandb import offline_run_dirs
+    from tests.wandb_reader import read_wandb_run
 
     dirs = offline_run_dirs(run_dir)
     if not dirs:

@@ -3,6 +3,10 @@
 SLURM (slurm/train.sbatch) sends SIGUSR1 to every rank some minutes before the time limit or on preemption;
 SIGTERM (a plain scancel, a node draining, `kill`) and SIGINT (Ctrl-C) are treated alike, so a run stopped any
 of these ways resumes from the step it reached. A second SIGINT stops at once (Python's KeyboardInterrupt).
+SIGTERM also means "stop now" (a launcher whose other rank failed sends it, and the rank it reaches may be
+blocked in a collective that will never complete): SIGTERM_GRACE_S after it, a process still running ends as
+SIGTERM would have ended it (exit -15), checkpoint or not; SLURM's KillWait and torch's launcher (30 s each)
+send SIGKILL soon after anyway.
 The handler only sets a flag; at the end of each optimizer step the ranks agree (an all-reduce of the flag:
 each rank may see the signal before a different step) to save a checkpoint and stop together. The recipe then
 exits with PREEMPTED_EXIT, the batch script requeues the job, and the requeued job resumes from that
@@ -11,8 +15,12 @@ checkpoint (same run directory).
 
 from __future__ import annotations
 
+import ctypes
+import os
 import signal
 import sys
+import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -23,6 +31,30 @@ from herd.dist import close_process_group, rank
 PREEMPTED_EXIT = 124  # the batch script requeues on this status (or whenever it forwarded a USR1)
 INTERRUPTED_EXIT = 130  # Ctrl-C: the shell's status for SIGINT; not requeued
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+
+
+def sigterm_grace_s() -> float:
+    return float(os.environ.get("HERD_SIGTERM_GRACE_S", "20"))
+
+
+def _watch_for_sigterm() -> None:
+    """End this process as SIGTERM would have, sigterm_grace_s() after one arrives. Python runs signal handlers
+    in the main thread between bytecodes only, so a rank blocked inside a collective never runs its handler;
+    the signal's number reaches this thread at once through signal.set_wakeup_fd."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+
+    def watch() -> None:
+        while signal.SIGTERM not in os.read(read_end, 64):
+            pass
+        time.sleep(sigterm_grace_s())
+        ctypes.CDLL(None).signal(signal.SIGTERM, 0)  # SIG_DFL at the C level: signal.signal is main-thread only
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="herd-sigterm-grace", daemon=True).start()
+
+
 _received = False  # any Preemption handler of this process got its signal
 
 
@@ -40,6 +72,8 @@ class Preemption(TrainerCallback):
         self.stopped = False  # training stopped for it, after a checkpoint
         for signum in signals:
             signal.signal(signum, self._on_signal)
+        if signal.SIGTERM in signals:
+            _watch_for_sigterm()
 
     def _on_signal(self, signum, frame) -> None:
         if signum == signal.SIGINT:
