@@ -23,7 +23,6 @@ from herd import dist, lm_head, packing, rundir
 from herd.config.checks import check_library_names
 from herd.config.dpo import Method
 from herd.config.train import TrainJob, gradient_accumulation
-from herd.console import interactive
 from herd.data import DataReport, check_source, load_splits
 from herd.errors import HerdError
 from herd.modeling import (
@@ -39,6 +38,7 @@ from herd.paths import share_per_umask
 from herd.preference import load_pair_splits
 from herd.random_init import check_random_init
 from herd.training import dpo, strategy
+from herd.training.arguments import shared_trainer_arguments
 from herd.training.checkpoints import CompleteMarker, finished_run, resume_point, set_aside
 from herd.training.faults import DebugFaults
 from herd.training.manifest import MANIFEST, build_manifest
@@ -353,44 +353,9 @@ class EvalSummary(TrainerCallback):
 
 def training_arguments(job: TrainJob, run_dir: Path, dtype: torch.dtype, accumulation: int, *, has_eval: bool,
                        gradient_checkpointing: bool, strategy_setup: StrategySetup) -> SFTConfig:
-    t = job.train
-    return SFTConfig(
-        output_dir=str(run_dir),
-        max_steps=t.max_steps,
-        num_train_epochs=t.epochs,
-        per_device_train_batch_size=t.micro_batch_size,
-        per_device_eval_batch_size=t.micro_batch_size,
-        gradient_accumulation_steps=accumulation,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the total steps
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=t.optimizer,
-        activation_checkpointing=gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
-        bf16=dtype == torch.bfloat16,  # TRL turns bf16 on by default; CPU runs need it off
-        logging_steps=t.logging_steps,
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=t.eval_steps,
-        # The baseline evaluation runs inside train(), in fresh and resumed runs alike: the distributed eval
-        # loader moves the data order, so both must do it for a resume to be exact.
-        eval_on_start=has_eval and t.eval_before_train and strategy_setup.evaluates_before_training,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        seed=t.seed,
-        data_seed=job.data.seed,
-        dataloader_num_workers=t.dataloader_num_workers,
-        include_num_input_tokens_seen="non_padding",
-        max_length=job.data.max_seq_len,
-        packing=t.packing,
-        packing_strategy="bfd",
-        report_to="none",
-        disable_tqdm=not interactive(),  # bars on a terminal only; herd's line per logging step either way
-        ddp_find_unused_parameters=False,  # LoRA: every trainable parameter is used in every step
-        **strategy_setup.trainer_arguments,  # device use (use_cpu, accelerator state), FSDP / DeepSpeed
-    )
+    shared = shared_trainer_arguments(job, run_dir, dtype, accumulation, has_eval=has_eval,
+                                      gradient_checkpointing=gradient_checkpointing, strategy_setup=strategy_setup)
+    return SFTConfig(**shared, packing=job.train.packing, packing_strategy="bfd")
 
 
 def build_trainer(model, args: SFTConfig, train_data, eval_data, tokenizer, callbacks: list,

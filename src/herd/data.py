@@ -666,7 +666,7 @@ def longest_token_chars(tokenizer) -> int:
     return max(len(token) for token in tokenizer.get_vocab())
 
 
-def _read_cache(cache: Path) -> tuple[Dataset, Dataset | None]:
+def read_cache(cache: Path) -> tuple[Dataset, Dataset | None]:
     evaluation = load_from_disk(str(cache / "eval")) if (cache / "eval").exists() else None
     return load_from_disk(str(cache / "train")), evaluation
 
@@ -679,7 +679,7 @@ def load_splits(data_cfg: DataConfig, tokenizer) -> tuple[Dataset, Dataset | Non
         try:
             report = DataReport(**json.loads((cache / "report.json").read_text()))
             report.cache_hit = True
-            return (*_read_cache(cache), report)
+            return (*read_cache(cache), report)
         except Exception as error:  # noqa: BLE001 - whatever broke it, herd's own cache is rebuilt
             print(f"herd: the tokenized data cache {cache} is damaged ({type(error).__name__}); tokenizing again",
                   flush=True)
@@ -688,14 +688,20 @@ def load_splits(data_cfg: DataConfig, tokenizer) -> tuple[Dataset, Dataset | Non
             shutil.rmtree(damaged, ignore_errors=True)
 
     train, evaluation, report = build_splits(data_cfg, tokenizer)
+    write_cache(cache, train, evaluation, report)
+    return (*read_cache(cache), report)
+
+
+def write_cache(cache: Path, train: Dataset, evaluation: Dataset | None, report: DataReport) -> None:
+    """Tokenized splits and their report under `cache`, atomically: a cache directory is complete or absent
+    (SFT's conversations here, herd.preference's pairs alike)."""
     partial = cache.with_name(f"{cache.name}.partial-{random.getrandbits(32):08x}")
     train.save_to_disk(str(partial / "train"))
     if evaluation is not None:
         evaluation.save_to_disk(str(partial / "eval"))
     (partial / "report.json").write_text(json.dumps(asdict(report)))  # written last: marks completeness
     try:
-        partial.rename(cache)  # atomic: a cache directory is complete or absent
+        partial.rename(cache)
     except OSError:  # another process won the race; its copy is equal
         shutil.rmtree(partial, ignore_errors=True)
     log.info("tokenized data cached in %s", cache)
-    return (*_read_cache(cache), report)

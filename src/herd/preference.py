@@ -29,11 +29,10 @@ import json
 import logging
 import random
 import re
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from datasets import Dataset, load_from_disk
+from datasets import Dataset
 
 from herd import chat_format, data
 from herd.chat_format import ConversationError, format_llama2, validate_messages, with_system_prompt
@@ -45,8 +44,10 @@ from herd.data import (
     check_bad_rows,
     data_sources,
     longest_token_chars,
+    read_cache,
     read_rows,
     source_fingerprint,
+    write_cache,
 )
 from herd.data import tokenizer_fingerprint as tokenizer_key
 from herd.errors import ConfigError
@@ -278,20 +279,10 @@ def load_pair_splits(data_cfg: DataConfig, dpo_cfg: DpoConfig, tokenizer) -> tup
     cache = resolve_path(data_cfg.cache_dir, must_exist=False) / cache_key(data_cfg, dpo_cfg, tokenizer)
     if not (cache / "report.json").exists():
         train, evaluation, report = build_pair_splits(data_cfg, dpo_cfg, tokenizer)
-        partial = cache.with_name(f"{cache.name}.partial-{random.getrandbits(32):08x}")
-        train.save_to_disk(str(partial / "train"))
-        if evaluation is not None:
-            evaluation.save_to_disk(str(partial / "eval"))
-        (partial / "report.json").write_text(json.dumps(asdict(report)))  # written last: marks completeness
-        try:
-            partial.rename(cache)
-        except OSError:  # another process won the race; its copy is equal
-            shutil.rmtree(partial, ignore_errors=True)
-        log.info("tokenized pairs cached in %s", cache)
+        write_cache(cache, train, evaluation, report)
         hit = False
     else:
         hit = True
     report = DataReport(**json.loads((cache / "report.json").read_text()))
     report.cache_hit = hit
-    evaluation = load_from_disk(str(cache / "eval")) if (cache / "eval").exists() else None
-    return load_from_disk(str(cache / "train")), evaluation, report
+    return (*read_cache(cache), report)

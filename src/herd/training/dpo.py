@@ -33,6 +33,7 @@ from herd.config.train import PeftConfig, Strategy, TrainJob
 from herd.errors import ConfigError
 from herd.modeling import add_lora, load_base_model
 from herd.paths import resolve_path
+from herd.training.arguments import shared_trainer_arguments
 
 STRATEGIES = (Strategy.single, Strategy.ddp)  # wired and tested for DPO so far
 REFERENCE_ADAPTER = "ref"  # the name TRL gives the frozen copy of a pretrained adapter
@@ -150,44 +151,12 @@ def load_reference(setup, peft_cfg: PeftConfig) -> torch.nn.Module | None:
 
 def training_arguments(job: TrainJob, run_dir: Path, dtype: torch.dtype, accumulation: int, *, has_eval: bool,
                        gradient_checkpointing: bool, strategy_setup) -> DPOConfig:
-    """The DPOConfig of a run: the SFT run's TrainingArguments (train.*) and the dpo.* knobs."""
-    t, d = job.train, job.dpo
-    return DPOConfig(
-        output_dir=str(run_dir),
-        max_steps=t.max_steps,
-        num_train_epochs=t.epochs,
-        per_device_train_batch_size=t.micro_batch_size,  # pairs: two sequences each
-        per_device_eval_batch_size=t.micro_batch_size,
-        gradient_accumulation_steps=accumulation,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=t.optimizer,
-        activation_checkpointing=gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
-        bf16=dtype == torch.bfloat16,
-        logging_steps=t.logging_steps,
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=t.eval_steps,
-        eval_on_start=has_eval and t.eval_before_train and strategy_setup.evaluates_before_training,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        seed=t.seed,
-        data_seed=job.data.seed,
-        dataloader_num_workers=t.dataloader_num_workers,
-        include_num_input_tokens_seen="non_padding",
-        max_length=job.data.max_seq_len,  # herd.preference dropped longer pairs: nothing is truncated
-        beta=d.beta,
-        loss_type=[d.loss_type],
-        label_smoothing=d.label_smoothing,
-        report_to="none",
-        disable_tqdm=False,
-        ddp_find_unused_parameters=False,
-        **strategy_setup.trainer_arguments,
-    )
+    """The DPOConfig of a run: what every herd run sets (train.*: micro batches count pairs, two sequences
+    each; herd.preference dropped longer pairs, so nothing is truncated) and the dpo.* knobs."""
+    shared = shared_trainer_arguments(job, run_dir, dtype, accumulation, has_eval=has_eval,
+                                      gradient_checkpointing=gradient_checkpointing, strategy_setup=strategy_setup)
+    d = job.dpo
+    return DPOConfig(**shared, beta=d.beta, loss_type=[d.loss_type], label_smoothing=d.label_smoothing)
 
 
 class HerdDPOTrainer(DPOTrainer):
