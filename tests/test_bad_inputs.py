@@ -282,3 +282,48 @@ def test_merge_overwrite_refuses_a_folder_herd_did_not_merge(trained_run, tmp_pa
     assert result.returncode == 2
     assert f"merge.overwrite: {precious} is not a model herd merged (no herd_merge.json)" in result.stderr
     assert (precious / "run-1" / "adapter.bin").read_text() == "weeks of training"
+
+
+# ---- storage faults on a real small file system (tmpfs, mounted by the test: needs root, as CI runs) ------
+
+
+@pytest.fixture
+def small_mount(tmp_path):
+    """A 200 KiB tmpfs at tmp_path/mnt; yields (mount point, remount read-only)."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("storage-fault tests mount a tmpfs: CI runs as root and must run them")
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount, lambda: subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_ends_in_one_line_and_the_run_resumes_elsewhere(small_mount, tiny_model_dir):
+    from tests.conftest import FAST_TRAIN, run_module
+
+    mount, _ = small_mount
+    run_dir = mount / "run"
+    result = run_module("train", *FAST_TRAIN, "train.max_steps=2", "train.save_steps=1", f"output_dir={run_dir}",
+                        check=False)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("herd: ")]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr[-3000:]
+    assert "no space left on the device" in lines[0] and str(run_dir) in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (run_dir / "adapter").exists() and not (run_dir / "metrics.json").exists()
+
+
+def test_a_read_only_file_system_ends_in_one_line(small_mount, tiny_model_dir):
+    from tests.conftest import FAST_TRAIN, run_module
+
+    mount, read_only = small_mount
+    read_only()
+    result = run_module("train", *FAST_TRAIN, "train.max_steps=1", f"output_dir={mount / 'run'}", check=False)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("herd: ")]
+    assert result.returncode == 1 and lines == [f"herd: read-only file system: {mount / 'run'}"], result.stderr[-3000:]

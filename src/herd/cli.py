@@ -39,7 +39,7 @@ from herd.config.checks import first_violation
 from herd.config.train import register_train_schema
 from herd.dist import close_process_group, ensure_run_id
 from herd.errors import ConfigError, HerdError
-from herd.paths import REPO_ROOT, describe_os_error
+from herd.paths import REPO_ROOT, describe_os_error, storage_failure
 
 CONF_DIR = REPO_ROOT / "conf"
 
@@ -392,6 +392,13 @@ def hydra_entry(
             except KeyboardInterrupt:
                 print("herd: interrupted", file=sys.stderr)
                 sys.exit(130)
+            except Exception as error:
+                failure = storage_failure(error)  # a full disk reported by a library as a plain Exception
+                if failure is None:
+                    raise
+                print(f"herd: {describe_os_error(failure)} ({cfg.get('output_dir') or 'the output'}); free space "
+                      "or write elsewhere, then run the same command again to resume", file=sys.stderr)
+                sys.exit(1)
 
         redact_sweep_config()
         hydra.main(version_base=None, config_path=str(CONF_DIR), config_name=config_name)(guarded_task)()

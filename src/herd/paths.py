@@ -116,6 +116,30 @@ def describe_os_error(error: OSError) -> str:
     }
     reason = reasons.get(error.errno, error.strerror or str(error))
     return f"{reason}{where}"
+
+
+# Storage failures as libraries written in other languages report them (safetensors' Rust writer raises a plain
+# Exception "No space left on device (os error 28)"): the errno they name, found in the message.
+_ERRNO_IN_MESSAGE = {"os error 28": errno.ENOSPC, "No space left on device": errno.ENOSPC,
+                     "os error 122": errno.EDQUOT, "Disk quota exceeded": errno.EDQUOT,
+                     "os error 30": errno.EROFS, "Read-only file system": errno.EROFS}
+
+
+def storage_failure(error: BaseException) -> OSError | None:
+    """The OSError behind `error` when it is a storage failure (full, over quota, read-only), following its
+    causes and reading foreign libraries' messages; None for anything else."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            return error
+        for words, number in _ERRNO_IN_MESSAGE.items():
+            if words in str(error):
+                return OSError(number, os.strerror(number))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def code_fingerprint(sources: Iterable[str | Path]) -> str:
     """sha256 of the given source files, names and bytes: the key part of a cache that says which code made
     it, so that changed code rebuilds the cache without anyone bumping a version number by hand."""
