@@ -173,7 +173,7 @@ def scratch_copy(destination: Path) -> None:
 
 
 def run_tests(copy: Path, args: tuple[str, ...], env: dict) -> tuple[int, str]:
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *args],
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "slow or not slow", *args],
                             cwd=copy, env=env, capture_output=True, text=True)
     return result.returncode, (result.stdout + result.stderr)[-3000:]
 

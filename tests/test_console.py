@@ -65,6 +65,7 @@ def test_non_tty_run_prints_one_herd_line_per_logging_step_and_no_noise(tmp_path
     assert result.stderr == ""  # nothing else either: every warning the stack printed here is filtered
 
 
+@pytest.mark.slow  # make test-all; its fast siblings run by default
 def test_verbose_brings_the_noise_back(tmp_path):
     result = run_module("train", *RUN, f"output_dir={tmp_path / 'run'}", env={"HERD_VERBOSE": "1"})
     output = result.stdout + result.stderr
@@ -126,6 +127,7 @@ def read_terminal(command: list[str], env: dict[str, str], timeout: float = 600)
     return process.wait(timeout=60), b"".join(chunks).decode(errors="replace")
 
 
+@pytest.mark.slow  # make test-all; its fast siblings run by default
 def test_terminal_run_draws_bars_and_the_same_herd_lines(tmp_path):
     env = {**os.environ, **OFFLINE_ENV, "HERD_VERBOSE": "0"}
     status, shown = read_terminal([sys.executable, "-m", "train", *RUN, f"output_dir={tmp_path / 'run'}"], env)

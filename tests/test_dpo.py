@@ -220,6 +220,7 @@ def test_sigkill_after_a_step_then_same_command_resumes_exactly(dpo_from_sft, tr
         [e["train/rewards/margins"] for e in straight], rel=1e-4, abs=1e-7)
 
 
+@pytest.mark.slow  # make test-all; its fast siblings run by default
 def test_separate_reference_gives_the_shared_references_steps(dpo_from_sft, trained_run, tmp_path):
     # The same reference policy held twice: a second 4-bit base with the SFT adapter, against the frozen
     # copy of the adapter on the policy's own base. Two steps (cosine from step 1: the same learning rates).
@@ -234,6 +235,7 @@ def test_separate_reference_gives_the_shared_references_steps(dpo_from_sft, trai
         assert [e[key] for e in separate] == pytest.approx([e[key] for e in shared], rel=1e-5, abs=1e-7), key
 
 
+@pytest.mark.slow  # make test-all; its fast siblings run by default
 def test_ddp_two_processes_train_as_one(dpo_from_sft, trained_run, tmp_path):
     # 2 ranks x 2 pairs against 1 process x 2 pairs x 2 accumulation steps: the same pairs per step.
     run_dir = tmp_path / "ddp"

@@ -320,6 +320,7 @@ def distributed(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())["distributed"]
 
 
+@pytest.mark.slow  # make test-all; its fast siblings run by default
 def test_trls_multi_gpu_config_with_its_topology_trains_two_ranks(tmp_path):
     config = yaml.safe_load(trl_config("multi_gpu.yaml").read_text())
     copy = tmp_path / "multi_gpu.yaml"  # TRL's file, 2 processes instead of 8 (2 cores here)
@@ -346,6 +347,7 @@ def test_trls_zero2_config_with_deepspeeds_template_trains_as_the_files_say(tmp_
     assert manifest["config"]["strategy"]["deepspeed_config"] == str(ds_template(2))
 
 
+@pytest.mark.slow  # make test-all; its fast siblings run by default
 def test_trls_zero3_config_under_strategy_zero2_is_refused_in_one_line_before_loading(tmp_path):
     run_dir = tmp_path / "run"
     result = accelerate_launch(tmp_path, trl_config("zero3.yaml"), "strategy=zero2", f"output_dir={run_dir}",
