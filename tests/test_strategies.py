@@ -228,7 +228,11 @@ def test_a_rank_that_raises_ends_the_launch_at_once(tmp_path, tiny_model_dir):
     assert result.returncode != 0
     assert "herd debug fault: rank 1 raised" in result.stderr
     assert re.search(r"Sending process \d+ closing signal SIGTERM", result.stderr), result.stderr[-3000:]
-    assert re.search(r"rank\s*: 0 \(local_rank: 0\)\s+exitcode\s*: -15 ", result.stderr), result.stderr[-3000:]
+    # herd treats SIGTERM like USR1 (a checkpoint at the step's end, HERD_SIGTERM_GRACE_S at most), so rank 0
+    # ends either by the launcher's SIGTERM (-15) or earlier, when its next collective finds the peer gone (1).
+    ended = re.search(r"rank\s*: 0 \(local_rank: 0\)\s+exitcode\s*: (-15|1) ", result.stderr)
+    assert ended, result.stderr[-3000:]
+    assert ended.group(1) == "-15" or "Connection closed by peer" in result.stderr, result.stderr[-3000:]
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
