@@ -29,13 +29,13 @@ from trl import DPOConfig, DPOTrainer
 
 from herd import rundir
 from herd.config.dpo import Reference
-from herd.config.train import PeftConfig, Strategy, TrainJob
+from herd.config.train import PeftConfig, TrainJob
 from herd.errors import ConfigError
 from herd.modeling import add_lora, load_base_model
 from herd.paths import resolve_path
 from herd.training.arguments import shared_trainer_arguments
+from herd.training.strategy import HerdFsdp2Checkpoints
 
-STRATEGIES = (Strategy.single, Strategy.ddp)  # wired and tested for DPO so far
 REFERENCE_ADAPTER = "ref"  # the name TRL gives the frozen copy of a pretrained adapter
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules")  # what an SFT run's adapter decides
 
@@ -45,9 +45,6 @@ LORA_KEYS = ("r", "alpha", "dropout", "target_modules")  # what an SFT run's ada
 
 def check_job(job: TrainJob, location: str) -> None:
     """What a DPO run needs beyond an SFT run's checks, in one line each, before anything loads."""
-    if job.strategy.name not in STRATEGIES:
-        raise ConfigError(f"method=dpo runs under strategy=single or ddp in this version, got "
-                          f"strategy={job.strategy.name.value}")
     if job.train.packing:
         raise ConfigError("train.packing=true is for SFT; method=dpo pads each pair (set train.packing=false)")
     if job.dpo.sft_run:
@@ -168,13 +165,18 @@ class HerdDPOTrainer(DPOTrainer):
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
 
+class ShardedDPOTrainer(HerdFsdp2Checkpoints, HerdDPOTrainer):
+    """HerdDPOTrainer for a model herd sharded itself (strategy=fsdp on CPU: herd's FSDP2 checkpoints)."""
+
+
 def build_trainer(model, reference, args: DPOConfig, train_data, eval_data, tokenizer, callbacks: list,
                   strategy_setup, from_sft: bool) -> HerdDPOTrainer:
     """The DPO trainer with the reference the job asked for and the LoRA weights exactly as loaded."""
     from herd.training import strategy
 
     loaded = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-    trainer = HerdDPOTrainer(model=model, ref_model=reference, args=args, train_dataset=train_data,
+    trainer_class = ShardedDPOTrainer if strategy_setup.herd_fsdp2 else HerdDPOTrainer
+    trainer = trainer_class(model=model, ref_model=reference, args=args, train_dataset=train_data,
                              eval_dataset=eval_data, processing_class=tokenizer, callbacks=callbacks)
     trainer.add_callback(strategy.WrappedModelProbe(trainer))
     peft_model = trainer.model
@@ -186,6 +188,7 @@ def build_trainer(model, reference, args: DPOConfig, train_data, eval_data, toke
     for name, parameter in peft_model.named_parameters():
         if name in loaded:  # TRL cast them to bf16; back to the exact weights, in the strategy's dtype
             parameter.data = loaded[name].to(strategy_setup.adapter_dtype)
+    strategy_setup.shard(peft_model)  # herd's FSDP2 only: after the adapters are final, before train()
     return trainer
 
 

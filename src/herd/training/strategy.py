@@ -244,16 +244,17 @@ def fully_shard_model(model: torch.nn.Module) -> int:
     return sum(isinstance(p, DTensor) for p in model.parameters())
 
 
-def full_trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable (adapter) weights gathered whole; a collective: every rank must call it."""
+def full_adapter_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights gathered whole: the trained ones and frozen LoRA copies (DPO's reference adapter);
+    a collective: every rank must call it."""
     from torch.distributed.tensor import DTensor
 
     return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
-            for name, p in model.named_parameters() if p.requires_grad}
+            for name, p in model.named_parameters() if p.requires_grad or "lora_" in name}
 
 
 def load_full_trainable_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> None:
-    """Inverse of full_trainable_state_dict: each rank keeps its own shard of every full tensor. Keys may
+    """Inverse of full_adapter_state_dict for the trained adapter: each rank keeps its own shard of every full tensor. Keys may
     lack the adapter name (PEFT's saved format: `lora_A.weight` for `lora_A.default.weight`)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -289,13 +290,13 @@ def reshard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
                 s[n] = DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
 
 
-class ShardedSFTTrainer(SFTTrainer):
-    """SFTTrainer for a model herd sharded itself with FSDP2 (strategy=fsdp on CPU, where accelerate has no
-    FSDP): the adapter is gathered whole on every rank and written by rank 0; each rank checkpoints its
-    own optimizer shard."""
+class HerdFsdp2Checkpoints:
+    """Checkpoints of a model herd sharded itself with FSDP2 (strategy=fsdp on CPU, where accelerate has no
+    FSDP), mixed into a TRL trainer: the adapters are gathered whole on every rank and written by rank 0;
+    each rank checkpoints its own optimizer shard."""
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        state_dict = full_trainable_state_dict(self.model)  # collective: all ranks
+        state_dict = full_adapter_state_dict(self.model)  # collective: all ranks
         if self.args.should_save:
             self._save(output_dir or self.args.output_dir, state_dict=state_dict)
 
@@ -319,6 +320,10 @@ class ShardedSFTTrainer(SFTTrainer):
             os.path.join(checkpoint, f"optimizer-rank{self.args.process_index}.pt"), weights_only=True))
         reshard_optimizer_state(self.optimizer)
         self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
+
+
+class ShardedSFTTrainer(HerdFsdp2Checkpoints, SFTTrainer):
+    """SFTTrainer for a model herd sharded itself (herd's FSDP2 checkpoints)."""
 
 
 # ---------------------------------------------------------------- what really ran
@@ -369,6 +374,6 @@ def distributed_facts(trainer, num_processes: int) -> dict:
     sharded = sum(isinstance(p, DTensor) for p in trainer.model.parameters())
     if facts["distributed_type"] == "FSDP" or sharded:
         facts["sharded_parameters"] = sharded
-    if isinstance(trainer, ShardedSFTTrainer):
+    if isinstance(trainer, HerdFsdp2Checkpoints):
         facts["fsdp"] = "herd FSDP2 (fully_shard per decoder layer + root)"
     return facts
