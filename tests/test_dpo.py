@@ -171,10 +171,11 @@ def test_steps_equal_trls_dpo_trainer_used_plainly(tmp_path, tiny_model_dir, tin
 
 @pytest.fixture(scope="module")
 def dpo_from_sft(tmp_path_factory, trained_run) -> Path:
-    """4 DPO steps from the shared finished SFT run, reference: a frozen copy of its adapter."""
+    """4 DPO steps from the shared finished SFT run, reference: a frozen copy of its adapter; tracked in an
+    offline W&B run."""
     run_dir = tmp_path_factory.mktemp("dpo") / "run"
     run_module("train", *DPO, "train.max_steps=4", "data.eval_size=4", "train.eval_steps=4",
-               f"dpo.sft_run={trained_run}", f"output_dir={run_dir}")
+               f"dpo.sft_run={trained_run}", "tracking.backend=wandb_offline", f"output_dir={run_dir}")
     return run_dir
 
 
@@ -202,6 +203,29 @@ def test_dpo_from_sft_run_directory(dpo_from_sft, trained_run):
     sft_info = json.loads((trained_run / "herd_run.json").read_text())
     assert info["method"] == "dpo" and info["data"] == sft_info["data"] and info["peft"]["r"] == sft_info["peft"]["r"]
     assert info["preference_data"]["name"] == "sample-pairs"
+
+
+def test_dpo_run_is_tracked_in_wandb_with_rewards_and_no_perplexity(dpo_from_sft):
+    """The offline W&B run file read back: DPO's rewards, margins and accuracies at each logging step and
+    evaluation; no perplexity (a DPO loss is no language model's); MFU's FLOPs count the reference forward."""
+    from herd.training.tracking.metrics import flops_per_token
+    from herd.training.tracking.wandb import offline_run_dirs
+    from tests.wandb_reader import history_values, read_wandb_run
+
+    [offline] = offline_run_dirs(dpo_from_sft)
+    run = read_wandb_run(offline)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert sorted(history_values(run.history, f"train/{key}")) == [1, 2, 3, 4], key
+        assert sorted(history_values(run.history, f"eval/{key}")) == [0, 4], key
+    local = metrics_jsonl(dpo_from_sft)
+    assert history_values(run.history, "train/rewards/margins") == {
+        e["step"]: e["train/rewards/margins"] for e in local}
+    assert history_values(run.history, "eval/rewards/margins")[4] > 0
+    assert not [row for row in run.history if "eval/perplexity" in row]
+    derived = run.config["derived"]
+    assert derived["flops_per_token"] == flops_per_token(derived["params_base"], derived["params_lora"], 2, 64,
+                                                         384, reference_forward=True)
+    assert run.config["method"] == "dpo" and run.config["dpo"]["sft_run"]
 
 
 def test_sigkill_after_a_step_then_same_command_resumes_exactly(dpo_from_sft, trained_run, tmp_path):

@@ -282,11 +282,12 @@ def job_states(env: dict, job_id: str) -> list[str]:
     return re.findall(r"JobState=(\S+)", out)
 
 
-def submit_train(env: dict, out: Path, label: str, *sbatch_args: str, steps: int = STEPS) -> Job:
+def submit_train(env: dict, out: Path, label: str, *sbatch_args: str, steps: int = STEPS,
+                 overrides: list[str] = JOB_TRAIN) -> Job:
     """sbatch slurm/train.sbatch directly, as a user would, from the repository root."""
     result = subprocess.run(
         ["sbatch", "--parsable", f"--output={out / 'job.out'}", *sbatch_args, str(REPO / "slurm" / "train.sbatch"),
-         *JOB_TRAIN, "strategy=ddp", f"train.max_steps={steps}", f"output_dir={out / 'run'}"],
+         *overrides, "strategy=ddp", f"train.max_steps={steps}", f"output_dir={out / 'run'}"],
         env=env, cwd=REPO, capture_output=True, text=True, check=True)
     return Job(env, result.stdout.strip().split(";")[0], out / "job.out", out / "run", label)
 
@@ -312,6 +313,22 @@ def preempted_job(cluster, tmp_path_factory, tiny_model_dir) -> Job:
     env, _ = cluster
     return submit_train({**env, "HERD_PROCS_PER_NODE": "2", "HERD_DEBUG_HOLD_AT_STEP": str(HOLD_AT)},
                         tmp_path_factory.mktemp("preempted"), "preempted job (checkpoint, requeue, resume)")
+
+
+# DPO on the bundled pairs (method=dpo), from the base: the same launcher, callbacks and requeue as SFT.
+DPO_JOB = ["method=dpo", "model=tiny", "data.max_samples=32", "data.max_seq_len=384", "data.eval_size=4",
+           "train.global_batch_size=4", "train.micro_batch_size=2", "train.logging_steps=1",
+           "train.eval_before_train=false", "train.save_steps=1000", "train.eval_steps=1000"]
+DPO_STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def preempted_dpo_job(cluster, tmp_path_factory, tiny_model_dir) -> Job:
+    """preempted_job's twin for method=dpo."""
+    env, _ = cluster
+    return submit_train({**env, "HERD_PROCS_PER_NODE": "2", "HERD_DEBUG_HOLD_AT_STEP": str(HOLD_AT)},
+                        tmp_path_factory.mktemp("preempted_dpo"), "preempted DPO job", steps=DPO_STEPS,
+                        overrides=DPO_JOB)
 
 
 @pytest.fixture(scope="module")
@@ -342,10 +359,8 @@ def sweep_job(cluster, tmp_path_factory, tiny_model_dir) -> Job:
     return Job(env, job_id, sweep_dir, sweep_dir, "3-task array")
 
 
-@pytest.mark.slurm
-def test_usr1_checkpoints_requeues_and_resumes_to_the_same_adapter(preempted_job, single_node_job, two_node_job,
-                                                                    sweep_job):
-    job = preempted_job
+def preempt_and_requeue(job: Job, steps: int) -> dict:
+    """USR1 to a job held after step HOLD_AT: it checkpoints, requeues and resumes to `steps`; its metrics."""
     # both ranks hold after step HOLD_AT (every rank handles USR1 from before loading the model on)
     job.wait_for_text(rf"rank 1 holds after step {HOLD_AT} until SIGUSR1")
     job.wait_for_text(rf"rank 0 holds after step {HOLD_AT} until SIGUSR1")
@@ -358,13 +373,32 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_adapter(preempted_job
     assert f"requeueing job {job.job_id}" in text and "restart 1 on" in text
     metrics = json.loads((job.run_dir / "metrics.json").read_text())
     assert metrics["resumed_from"] == f"checkpoint-{HOLD_AT}", metrics
-    assert metrics["global_step"] == STEPS
+    assert metrics["global_step"] == steps
     assert json.loads((job.run_dir / "manifest.json").read_text())["restart_count"] == 1
+    return metrics
+
+
+@pytest.mark.slurm
+def test_usr1_checkpoints_requeues_and_resumes_to_the_same_adapter(preempted_job, single_node_job, two_node_job,
+                                                                    sweep_job, preempted_dpo_job):
+    job = preempted_job
+    preempt_and_requeue(job, STEPS)
     assert single_node_job.wait() == "COMPLETED", single_node_job.text()[-3000:]
     reference, resumed = adapter_tensors(single_node_job.run_dir), adapter_tensors(job.run_dir)
     assert reference.keys() == resumed.keys()
     for name, tensor in reference.items():
         assert (tensor - resumed[name]).abs().max().item() < 1e-4, name
+
+
+@pytest.mark.slurm
+def test_a_dpo_job_is_preempted_requeued_and_resumed(preempted_dpo_job):
+    metrics = preempt_and_requeue(preempted_dpo_job, DPO_STEPS)
+    assert metrics["method"] == "dpo" and metrics["distributed"]["num_processes"] == 2
+    assert metrics["eval_rewards_after"]["rewards/margins"] != 0.0
+    # the requeued job continued the run: the steps before the signal are not trained again
+    steps = [json.loads(line) for line in (preempted_dpo_job.run_dir / "metrics.jsonl").read_text().splitlines()]
+    trained = [e["step"] for e in steps if e["kind"] == "train"]
+    assert sorted(set(trained)) == list(range(1, DPO_STEPS + 1)) and trained.count(1) == 1, trained
 
 
 @pytest.mark.slurm

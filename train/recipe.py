@@ -238,13 +238,14 @@ def build(setup: RunSetup, cfg: DictConfig, preemption: Preemption, data: Data) 
     arguments = dpo.training_arguments if job.method == Method.dpo else training_arguments
     args = arguments(job, setup.run_dir, setup.dtype, setup.accumulation, has_eval=eval_data is not None,
                      gradient_checkpointing=setup.gradient_checkpointing, strategy_setup=setup.strategy)
-    tracker = HerdTracker(job.tracking, setup.run_dir, cfg, seq_len=job.data.max_seq_len)
+    tracker = HerdTracker(job.tracking, setup.run_dir, cfg, seq_len=job.data.max_seq_len,
+                          dpo=job.method == Method.dpo)
     shared = [CompleteMarker(setup.run_dir, state), DebugFaults(), preemption, tracker]
     if job.method == Method.dpo:
         peft_cfg = dataclasses.replace(dpo.policy_peft(job, setup.location), quant_storage=setup.strategy.quant_storage)
         model = dpo.load_policy(setup, peft_cfg)
         trainer = dpo.build_trainer(model, dpo.load_reference(setup, peft_cfg), args, train_data, eval_data,
-                                    tokenizer, [dpo.DpoEvalSummary(), *shared], setup.strategy,
+                                    tokenizer, [EvalSummary(), *shared], setup.strategy,
                                     from_sft=bool(job.dpo.sft_run))
     else:
         model = load_model(setup)
@@ -331,8 +332,9 @@ def last_train_loss(trainer) -> float | None:
 
 
 class EvalSummary(TrainerCallback):
-    """One line per evaluation: step, eval loss, perplexity and training throughput so far. The final
-    evaluation of a run whose last step was just evaluated repeats that line: not printed twice."""
+    """One line per evaluation: step, eval loss, perplexity (DPO: reward margin and accuracy) and training
+    throughput so far. The final evaluation of a run whose last step was just evaluated repeats that line:
+    not printed twice."""
 
     def __init__(self) -> None:
         self.started = time.perf_counter()
@@ -347,8 +349,12 @@ class EvalSummary(TrainerCallback):
         if self.last == (state.global_step, loss):
             return
         self.last = (state.global_step, loss)
-        print_line(f"eval step {state.global_step}: loss {loss:.4f}  ppl {math.exp(min(loss, 50)):.2f}  "
-                   f"train {tokens_per_s:.0f} tok/s")
+        if "eval_rewards/margins" in metrics:  # DPO's loss is no language model's: its rewards instead
+            scores = (f"dpo loss {loss:.4f}  reward margin {metrics['eval_rewards/margins']:.4f}  "
+                      f"accuracy {metrics.get('eval_rewards/accuracies', math.nan):.3f}")
+        else:
+            scores = f"loss {loss:.4f}  ppl {math.exp(min(loss, 50)):.2f}"
+        print_line(f"eval step {state.global_step}: {scores}  train {tokens_per_s:.0f} tok/s")
 
 
 def training_arguments(job: TrainJob, run_dir: Path, dtype: torch.dtype, accumulation: int, *, has_eval: bool,

@@ -18,13 +18,11 @@ exact resume, preemption, tracking, metrics.json / herd_run.json / adapter/) is 
 from __future__ import annotations
 
 import dataclasses
-import math
 import shutil
-import time
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback, set_seed
+from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 
 from herd import rundir
@@ -35,6 +33,7 @@ from herd.modeling import add_lora, load_base_model
 from herd.paths import resolve_path
 from herd.training.arguments import shared_trainer_arguments
 from herd.training.strategy import HerdFsdp2Checkpoints
+from herd.training.tracking.progress import use_herd_console
 
 REFERENCE_ADAPTER = "ref"  # the name TRL gives the frozen copy of a pretrained adapter
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules")  # what an SFT run's adapter decides
@@ -179,6 +178,7 @@ def build_trainer(model, reference, args: DPOConfig, train_data, eval_data, toke
     trainer = trainer_class(model=model, ref_model=reference, args=args, train_dataset=train_data,
                              eval_dataset=eval_data, processing_class=tokenizer, callbacks=callbacks)
     trainer.add_callback(strategy.WrappedModelProbe(trainer))
+    use_herd_console(trainer)  # the Trainer prints no logs dict; its bar only on a terminal
     peft_model = trainer.model
     if not from_sft and REFERENCE_ADAPTER in peft_model.peft_config:
         # TRL copies any adapter it is given into a frozen "ref" one; a fresh adapter's reference is the base
@@ -247,21 +247,3 @@ def margin_line(before: dict | None, after: dict) -> str:
 
     return (f"eval reward margin {show(before, 'eval_rewards/margins')} -> {show(after, 'eval_rewards/margins')}, "
             f"accuracy {show(before, 'eval_rewards/accuracies')} -> {show(after, 'eval_rewards/accuracies')}")
-
-
-class DpoEvalSummary(TrainerCallback):
-    """One line per evaluation: step, DPO loss, reward margin and accuracy, training throughput so far."""
-
-    def __init__(self) -> None:
-        self.started = time.perf_counter()
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if not state.is_world_process_zero or not metrics or "eval_loss" not in metrics:
-            return
-        elapsed = time.perf_counter() - self.started
-        tokens_per_s = state.num_input_tokens_seen / elapsed if state.global_step else 0.0
-        margin = metrics.get("eval_rewards/margins", math.nan)
-        accuracy = metrics.get("eval_rewards/accuracies", math.nan)
-        print(f"eval step {state.global_step}: dpo loss {metrics['eval_loss']:.4f}  reward margin {margin:.4f}  "
-              f"accuracy {accuracy:.3f}  train {tokens_per_s:.0f} tok/s", flush=True)
-

@@ -5,7 +5,8 @@ On rank 0 it
     directory);
   - logs the resolved config (secrets redacted through herd.redaction.redact) and a manifest;
   - logs train loss, learning rate, grad norm, tokens/s, MFU, peak memory per device, eval loss and
-    perplexity, with `train/global_step` as W&B's x axis;
+    perplexity (DPO: rewards chosen/rejected, margins, accuracies instead of perplexity), with
+    `train/global_step` as W&B's x axis;
   - appends every log event to `<run_dir>/metrics.jsonl` and draws `<run_dir>/loss.png`
     (herd.training.tracking.local), with or without W&B;
   - prints herd's one line per logging step (herd.training.tracking.progress), with or without W&B.
@@ -76,8 +77,9 @@ def _metric_name(key: str) -> str:
     return "train/" + key
 
 
-def _named_metrics(kind: str, logs: dict) -> dict[str, Any]:
-    """The Trainer's numeric logs under herd's names, and eval perplexity."""
+def _named_metrics(kind: str, logs: dict, perplexity: bool = True) -> dict[str, Any]:
+    """The Trainer's numeric logs under herd's names, and eval perplexity where the loss is a language
+    model's (not DPO's)."""
     metrics: dict[str, Any] = {}
     for key, value in logs.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -88,7 +90,7 @@ def _named_metrics(kind: str, logs: dict) -> dict[str, Any]:
             continue
         else:
             metrics[_metric_name(key)] = value
-    if "eval/loss" in metrics:
+    if perplexity and "eval/loss" in metrics:
         metrics["eval/perplexity"] = math.exp(min(metrics["eval/loss"], 50.0))
     return metrics
 
@@ -142,16 +144,20 @@ class HerdTracker(TrainerCallback):
     manifest: extra facts to record in the W&B config under "manifest" (versions, git commit, ...).
     seq_len: the max sequence length, for the attention term of MFU.
     base_name: the experiment name for run names; default: the Hydra experiment choice, else model name.
+    dpo: a preference run: its loss is DPO's (no perplexity) and each token also runs the reference forward
+    (counted in MFU's FLOPs); rewards/margins/accuracies are logged as TRL reports them.
     """
 
     def __init__(self, tracking: TrackingConfig, run_dir: str | Path, config: Any = None, *,
-                 manifest: dict | None = None, seq_len: int = 0, base_name: str | None = None) -> None:
+                 manifest: dict | None = None, seq_len: int = 0, base_name: str | None = None,
+                 dpo: bool = False) -> None:
         self.tracking = tracking
         self.run_dir = Path(run_dir)
         self.config = config
         self.manifest = manifest
         self.seq_len = seq_len
         self.base_name = base_name
+        self.dpo = dpo
         self.run = None  # the wandb Run, on rank 0 once started
         self.wandb_facts: dict | None = None  # where the W&B run went (herd.training.tracking.wandb.run_facts)
         self.manifest_path: Path | None = None
@@ -189,7 +195,8 @@ class HerdTracker(TrainerCallback):
             model_config = getattr(model, "config", None)
             layers = getattr(model_config, "num_hidden_layers", 0) or 0
             hidden = getattr(model_config, "hidden_size", 0) or 0
-            self.flops_per_token = flops_per_token(n_base, n_lora, layers, hidden, self.seq_len)
+            self.flops_per_token = flops_per_token(n_base, n_lora, layers, hidden, self.seq_len,
+                                                   reference_forward=self.dpo)
             derived.update(params_base=n_base, params_lora=n_lora, flops_per_token=self.flops_per_token)
         # A CPU run on a GPU machine must not take the GPU's peak: off CUDA only a user-given peak counts.
         on_known_device = args.device.type == "cuda" or os.environ.get(PEAK_FLOPS_ENV)
@@ -250,7 +257,7 @@ class HerdTracker(TrainerCallback):
         kind = _log_kind(logs)
         metrics = self._peak_memory() if kind == "train" else {}  # every rank, before the rank-0 check
         if self.is_main:
-            metrics.update(_named_metrics(kind, logs))
+            metrics.update(_named_metrics(kind, logs, perplexity=not self.dpo))
             if kind == "train":
                 metrics.update(self._throughput(state))
             metrics["train/global_step"] = state.global_step

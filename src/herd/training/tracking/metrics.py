@@ -40,7 +40,8 @@ def count_parameters(model) -> tuple[int, int]:
     return n_base, n_lora
 
 
-def flops_per_token(n_base: int, n_lora: int, layers: int, hidden: int, seq_len: int) -> float:
+def flops_per_token(n_base: int, n_lora: int, layers: int, hidden: int, seq_len: int,
+                    reference_forward: bool = False) -> float:
     """Training FLOPs per token (model FLOPs, so activation-checkpoint recomputation is NOT counted: MFU,
     not hardware FLOPs utilization):
 
@@ -50,8 +51,12 @@ def flops_per_token(n_base: int, n_lora: int, layers: int, hidden: int, seq_len:
                         forward, x3 for forward + backward (PaLM, Chowdhery et al. 2022, appendix B)
 
     s is the configured max sequence length, an upper bound on the mean context: MFU is slightly
-    overstated for short conversations (for 7B at s=1024 the attention term is ~5% of the total)."""
-    return 4 * n_base + 6 * n_lora + 12 * layers * hidden * seq_len
+    overstated for short conversations (for 7B at s=1024 the attention term is ~5% of the total).
+
+    reference_forward (DPO): every token also goes through the reference policy's forward, 2 * N_base +
+    4 * L * h * s more (the reference adapter, where there is one, is LoRA-sized: left out)."""
+    training = 4 * n_base + 6 * n_lora + 12 * layers * hidden * seq_len
+    return training + (2 * n_base + 4 * layers * hidden * seq_len if reference_forward else 0)
 
 
 def device_peak_flops(device_name: str | None = None) -> float | None:

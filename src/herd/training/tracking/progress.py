@@ -47,6 +47,7 @@ def step_line(step: int, max_steps: int, metrics: dict[str, Any], eta_s: float |
         f"MFU {'-' if mfu is None else f'{100 * mfu:.1f}%'}  "
         f"peak mem {_number(max(peaks) if peaks else None, '.2f')} GiB  "
         f"ETA {format_duration(eta_s)}"
+        + (f"  reward margin {metrics['train/rewards/margins']:.4f}" if "train/rewards/margins" in metrics else "")
     )
 
 
