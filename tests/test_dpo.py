@@ -91,7 +91,6 @@ def job(**dpo_settings) -> TrainJob:
 def test_runs_that_cannot_start_are_refused_in_one_line(tmp_path, tiny_model_dir):
     location = str(tiny_model_dir)
     refusals = {
-        "method=dpo runs under strategy=single or ddp in this version, got strategy=fsdp": job(strategy=Strategy.fsdp),
         "train.packing=true is for SFT": job(packing=True),
         f"dpo.sft_run={tmp_path} is not a finished herd training run (no herd_run.json)": job(sft_run=str(tmp_path)),
     }
@@ -374,3 +373,19 @@ def test_planner_refuses_a_dpo_job_that_fits_as_sft(tmp_path):
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
     assert refused.stderr.startswith("herd: invalid config: the plan needs")
     assert not (tmp_path / "r").exists()
+
+
+def test_planner_plans_the_lora_layout_of_the_sft_run_it_starts_from(tmp_path):
+    """From dpo.sft_run the run trains that run's adapter (its rank, alpha, targets), not peft.*: so does its
+    plan (the targets' part needs the model's config.json, which no hub gives here: the rank shows it)."""
+    sft_run = tmp_path / "sft"
+    (sft_run / "adapter").mkdir(parents=True)
+    (sft_run / "adapter" / "adapter_config.json").write_text("{}")
+    (sft_run / "herd_run.json").write_text(json.dumps({
+        "base_model": "meta-llama/Llama-2-7b-hf", "model": {"name": "llama2-7b"}, "adapter": "adapter",
+        "peft": {"r": 64, "alpha": 128, "dropout": 0.0, "target_modules": ["all-linear"]}, "data": None}))
+    common = ["method=dpo", "model=llama2-7b", "plan=true", "peft.r=8"]
+    from_sft = run_module("train", *common, f"dpo.sft_run={sft_run}").stdout
+    fresh = run_module("train", *common).stdout
+    assert "LoRA r=64 on q,k,v,o,gate,up,down" in from_sft and "reference adapter_copy" in from_sft
+    assert "LoRA r=8 on q,k,v,o,gate,up,down" in fresh and "reference adapter_off" in fresh

@@ -22,7 +22,7 @@ from trl import SFTConfig, SFTTrainer
 from herd import dist, lm_head, packing, rundir
 from herd.config.checks import check_library_names
 from herd.config.dpo import Method
-from herd.config.train import TrainJob, gradient_accumulation
+from herd.config.train import PeftConfig, TrainJob, gradient_accumulation
 from herd.data import DataReport, check_source, load_splits
 from herd.errors import HerdError
 from herd.modeling import (
@@ -73,6 +73,7 @@ class RunSetup:
     state: PartialState  # this process in the launch: rank, number of processes, barriers
     accumulation: int  # gradient accumulation steps: the global batch over micro batch x processes
     strategy: StrategySetup  # placement, adapter dtype, quant storage, trainer class and arguments
+    peft: PeftConfig  # the LoRA layout trained (a DPO run's: its SFT run's), quant storage resolved
     run_dir: Path
     finished: dict | None  # the metrics of a run that had already finished: nothing to redo
     resume_from: Path | None  # the checkpoint to resume from
@@ -133,9 +134,10 @@ def resolve(job: TrainJob) -> RunSetup | None:
     strategy.check_compatibility(job, world_size, dtype, device)
     check_random_init(job)
     location = model_location(job.model)
-    check_inputs(job, location)
+    peft = check_inputs(job, location)
+    planned = dataclasses.replace(job, peft=peft)  # the LoRA layout the run really trains
     device_bytes = device_memory_bytes(job, device)
-    settings, plan = plan_job(job, world_size, location, device_bytes)
+    settings, plan = plan_job(planned, world_size, location, device_bytes)
     checkpointing = ("on" if settings.gradient_checkpointing else "off") + (
         " (auto)" if job.train.gradient_checkpointing is None else "")
     if job.plan:
@@ -143,10 +145,11 @@ def resolve(job: TrainJob) -> RunSetup | None:
         print(f"gradient checkpointing {checkpointing}")
         print("launch with:\n  " + "\n  ".join(launch_commands(world_size)), flush=True)
         return None
-    check_fits(job, settings, plan, location, device_bytes)
+    check_fits(planned, settings, plan, location, device_bytes)
     state = strategy.start_processes(job, device)
     accumulation = gradient_accumulation(job.train.global_batch_size, job.train.micro_batch_size,
                                          state.num_processes)
+    strategy_setup = strategy.setup_for(job, device, dtype, state.local_process_index)
     run_dir = Path(job.output_dir).resolve()
     finished = finished_run(run_dir, job.train.max_steps)
     resume_from, passed_over = (resume_point(run_dir, job.train.max_steps) if finished is None and run_dir.exists()
@@ -154,20 +157,24 @@ def resolve(job: TrainJob) -> RunSetup | None:
     return RunSetup(
         job=job, device=device, dtype=dtype, location=location,
         gradient_checkpointing=settings.gradient_checkpointing, checkpointing=checkpointing,
-        state=state, accumulation=accumulation,
-        strategy=strategy.setup_for(job, device, dtype, state.local_process_index),
+        state=state, accumulation=accumulation, strategy=strategy_setup,
+        peft=dataclasses.replace(peft, quant_storage=strategy_setup.quant_storage),
         run_dir=run_dir, finished=finished, resume_from=resume_from, passed_over=tuple(passed_over),
     )
 
 
-def check_inputs(job: TrainJob, location: str) -> None:
+def check_inputs(job: TrainJob, location: str) -> PeftConfig:
     """What the schema alone cannot check, on every rank before anything is written: the names only the
-    libraries know, the data file, the LoRA targets against the model's layers."""
+    libraries know, the data file, a DPO run's SFT run, the LoRA targets against the model's layers.
+    Returns the LoRA layout the run trains: peft, or the SFT run's (dpo.sft_run)."""
     check_library_names(job.train.optimizer, job.train.lr_scheduler, job.model.attn_implementation)
     check_source(job.data)
-    check_target_modules(job.model, job.peft, location)
+    peft = job.peft
     if job.method == Method.dpo:
         dpo.check_job(job, location)
+        peft = dpo.policy_peft(job, location)
+    check_target_modules(job.model, peft, location)
+    return peft
 
 
 def lock_run_dir(setup: RunSetup) -> RunLock | None:
@@ -242,9 +249,8 @@ def build(setup: RunSetup, cfg: DictConfig, preemption: Preemption, data: Data) 
                           dpo=job.method == Method.dpo)
     shared = [CompleteMarker(setup.run_dir, state), DebugFaults(), preemption, tracker]
     if job.method == Method.dpo:
-        peft_cfg = dataclasses.replace(dpo.policy_peft(job, setup.location), quant_storage=setup.strategy.quant_storage)
-        model = dpo.load_policy(setup, peft_cfg)
-        trainer = dpo.build_trainer(model, dpo.load_reference(setup, peft_cfg), args, train_data, eval_data,
+        model = dpo.load_policy(setup)
+        trainer = dpo.build_trainer(model, dpo.load_reference(setup), args, train_data, eval_data,
                                     tokenizer, [EvalSummary(), *shared], setup.strategy,
                                     from_sft=bool(job.dpo.sft_run))
     else:
@@ -262,11 +268,10 @@ def build(setup: RunSetup, cfg: DictConfig, preemption: Preemption, data: Data) 
 def load_model(setup: RunSetup) -> torch.nn.Module:
     """The base model where the strategy places it, in its 4-bit storage, with LoRA attached."""
     job = setup.job
-    peft_cfg = dataclasses.replace(job.peft, quant_storage=setup.strategy.quant_storage)
     set_seed(job.train.seed)  # LoRA's A matrices are drawn at creation, before the trainer seeds anything
-    model = load_base_model(job.model, peft_cfg, setup.strategy.placement, setup.dtype, setup.location,
+    model = load_base_model(job.model, setup.peft, setup.strategy.placement, setup.dtype, setup.location,
                             job.strategy.device_map)
-    return add_lora(model, peft_cfg, setup.gradient_checkpointing)
+    return add_lora(model, setup.peft, setup.gradient_checkpointing)
 
 
 def train_and_finish(setup: RunSetup, cfg: DictConfig, built: Built, preemption: Preemption) -> RunResult:
@@ -318,7 +323,8 @@ def write_records(setup: RunSetup, cfg: DictConfig, built: Built, evaluations: t
         "base_model": setup.location, "model": OmegaConf.to_container(cfg.model, enum_to_str=True),
         "peft": OmegaConf.to_container(cfg.peft, enum_to_str=True), "adapter": rundir.ADAPTER_DIR,
         "data": data,
-        **(dpo.run_info(setup.job, setup.location, dpo.policy_peft(setup.job, setup.location), data)
+        **(dpo.run_info(setup.job, setup.location,
+                        dataclasses.replace(setup.peft, quant_storage=setup.job.peft.quant_storage), data)
            if setup.job.method == Method.dpo else {}),
     })
 

@@ -99,7 +99,7 @@ def reference_description(job: TrainJob) -> str:
 # ---------------------------------------------------------------- model and reference
 
 
-def load_policy(setup, peft_cfg: PeftConfig) -> torch.nn.Module:
+def load_policy(setup) -> torch.nn.Module:
     """The PEFT model DPO trains: herd's LoRA on the base (modeling.add_lora), with the SFT run's adapter
     weights loaded into it when dpo.sft_run is set."""
     from peft import set_peft_model_state_dict
@@ -107,9 +107,9 @@ def load_policy(setup, peft_cfg: PeftConfig) -> torch.nn.Module:
 
     job = setup.job
     set_seed(job.train.seed)  # LoRA's A matrices are drawn at creation
-    model = load_base_model(job.model, peft_cfg, setup.strategy.placement, setup.dtype, setup.location,
+    model = load_base_model(job.model, setup.peft, setup.strategy.placement, setup.dtype, setup.location,
                             job.strategy.device_map)
-    model = add_lora(model, peft_cfg, setup.gradient_checkpointing)
+    model = add_lora(model, setup.peft, setup.gradient_checkpointing)
     start = sft_start(job, setup.location)
     if start is not None:
         weights = load_file(str(start[0] / "adapter_model.safetensors"))
@@ -121,13 +121,13 @@ def load_policy(setup, peft_cfg: PeftConfig) -> torch.nn.Module:
     return model
 
 
-def load_reference(setup, peft_cfg: PeftConfig) -> torch.nn.Module | None:
+def load_reference(setup) -> torch.nn.Module | None:
     """dpo.reference=separate: a second 4-bit base with the SFT adapter (if any) active and frozen; None for
     shared (TRL then takes the reference from the policy's own base)."""
     job = setup.job
     if job.dpo.reference != Reference.separate:
         return None
-    reference = load_base_model(job.model, peft_cfg, setup.strategy.placement, setup.dtype, setup.location,
+    reference = load_base_model(job.model, setup.peft, setup.strategy.placement, setup.dtype, setup.location,
                                 job.strategy.device_map)
     start = sft_start(job, setup.location)
     if start is not None:
