@@ -39,7 +39,7 @@ system-packages:
 	scripts/install-system-packages
 
 test: $(STAMP) lint system-packages
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # Deliberate bugs, each applied to a scratch copy and run against the tests that must catch it (tests/mutants.py);
 # passes when every one is caught. A few minutes; not part of `make test`.
@@ -47,7 +47,7 @@ mutants: $(STAMP)
 	$(PY) -m tests.mutants
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -m "slow or not slow"
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "slow or not slow"
 
 # Every stage of the GPU round (benchmarks/gpu_round.py) on CPU, zero3_offload included (~7 min on 2 cores).
 rehearsal: $(STAMP)

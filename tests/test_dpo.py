@@ -310,9 +310,12 @@ def test_zero3_offload_trains_with_deepspeeds_offload(trained_run, tmp_path):
     assert metrics["eval_rewards_after"]["rewards/margins"] > 0 and metrics["global_step"] == 2
 
 
-def test_infer_evaluates_and_generates_from_a_dpo_run(dpo_from_sft, trained_run, tmp_path):
+def test_infer_evaluates_generates_merges_and_chats_from_a_dpo_run(dpo_from_sft, trained_run, tmp_path,
+                                                                     monkeypatch):
+    import io
+
     from herd.config.infer import register_infer_schema
-    from infer.recipes import evaluate, generate
+    from infer.recipes import chat, evaluate, generate, merge
 
     register_infer_schema()
     run_dir = tmp_path / "run"
@@ -321,6 +324,11 @@ def test_infer_evaluates_and_generates_from_a_dpo_run(dpo_from_sft, trained_run,
     assert metrics["adapter"] == str(run_dir / "adapter") and metrics["data"] == "sample"
     output = generate.run(check_config("infer", [f"run_dir={run_dir}", "generate.max_new_tokens=4"]))
     assert output.exists() and output.read_text().count("\n") > 0
+    merged = merge.run(check_config("infer", [f"run_dir={run_dir}", f"merge.output={tmp_path / 'merged'}"]))
+    assert json.loads((merged / "herd_merge.json").read_text())["max_logit_difference"] < 1e-3  # merge's own check
+    monkeypatch.setattr("sys.stdin", io.StringIO("How do I make pancakes?\n"))
+    turns = chat.run(check_config("infer", [f"run_dir={run_dir}", "chat.max_new_tokens=4"]))
+    assert [turn["role"] for turn in turns] == ["user", "assistant"]
 
 
 # ---------------------------------------------------------------- the planner
@@ -375,7 +383,7 @@ def test_planner_refuses_a_dpo_job_that_fits_as_sft(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_planner_plans_the_lora_layout_of_the_sft_run_it_starts_from(tmp_path):
+def test_planner_plans_the_lora_layout_of_the_sft_run_it_starts_from(tmp_path, capsys):
     """From dpo.sft_run the run trains that run's adapter (its rank, alpha, targets), not peft.*: so does its
     plan (the targets' part needs the model's config.json, which no hub gives here: the rank shows it)."""
     sft_run = tmp_path / "sft"
@@ -384,8 +392,15 @@ def test_planner_plans_the_lora_layout_of_the_sft_run_it_starts_from(tmp_path):
     (sft_run / "herd_run.json").write_text(json.dumps({
         "base_model": "meta-llama/Llama-2-7b-hf", "model": {"name": "llama2-7b"}, "adapter": "adapter",
         "peft": {"r": 64, "alpha": 128, "dropout": 0.0, "target_modules": ["all-linear"]}, "data": None}))
-    common = ["method=dpo", "model=llama2-7b", "plan=true", "peft.r=8"]
-    from_sft = run_module("train", *common, f"dpo.sft_run={sft_run}").stdout
-    fresh = run_module("train", *common).stdout
+    from omegaconf import OmegaConf
+
+    from train.recipe import resolve
+
+    def planned(*overrides: str) -> str:  # the recipe's resolve, as `python -m train ... plan=true` runs it
+        resolve(OmegaConf.to_object(check_config("train", ["method=dpo", "model=llama2-7b", "plan=true",
+                                                           "peft.r=8", *overrides])))
+        return capsys.readouterr().out
+
+    from_sft, fresh = planned(f"dpo.sft_run={sft_run}"), planned()
     assert "LoRA r=64 on q,k,v,o,gate,up,down" in from_sft and "reference adapter_copy" in from_sft
     assert "LoRA r=8 on q,k,v,o,gate,up,down" in fresh and "reference adapter_off" in fresh

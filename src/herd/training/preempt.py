@@ -37,10 +37,11 @@ def sigterm_grace_s() -> float:
     return float(os.environ.get("HERD_SIGTERM_GRACE_S", "20"))
 
 
-def _watch_for_sigterm() -> None:
-    """End this process as SIGTERM would have, sigterm_grace_s() after one arrives. Python runs signal handlers
-    in the main thread between bytecodes only, so a rank blocked inside a collective never runs its handler;
-    the signal's number reaches this thread at once through signal.set_wakeup_fd."""
+def _watch_for_sigterm(grace_s: float) -> None:
+    """End this process as SIGTERM would have, grace_s after one arrives. Python runs signal handlers in the
+    main thread between bytecodes only, so a rank blocked inside a collective never runs its handler; the
+    signal's number reaches this thread at once through signal.set_wakeup_fd. The grace is read when the
+    watch starts: read after the signal, it would depend on when this thread happens to run."""
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)
     signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
@@ -48,7 +49,7 @@ def _watch_for_sigterm() -> None:
     def watch() -> None:
         while signal.SIGTERM not in os.read(read_end, 64):
             pass
-        time.sleep(sigterm_grace_s())
+        time.sleep(grace_s)
         ctypes.CDLL(None).signal(signal.SIGTERM, 0)  # SIG_DFL at the C level: signal.signal is main-thread only
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -73,7 +74,7 @@ class Preemption(TrainerCallback):
         for signum in signals:
             signal.signal(signum, self._on_signal)
         if signal.SIGTERM in signals:
-            _watch_for_sigterm()
+            _watch_for_sigterm(sigterm_grace_s())
 
     def _on_signal(self, signum, frame) -> None:
         if signum == signal.SIGINT:
