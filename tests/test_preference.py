@@ -7,10 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
 
+from herd import preference
 from herd.chat_format import ConversationError
 from herd.config.dpo import DpoConfig
 from herd.config.train import BadRows, DataConfig, SourceConfig
@@ -272,7 +274,7 @@ def test_a_single_pair_data_set_is_selected_as_before_mixes(tmp_path, tiny_token
     assert split_pairs(listed, dpo_cfg, tiny_tokenizer)[:2] == (train, evaluation)
 
 
-def test_the_pair_cache_key_covers_every_source(tmp_path, tiny_tokenizer):
+def test_the_pair_cache_key_covers_every_source_and_the_pair_code(tmp_path, tiny_tokenizer, monkeypatch):
     base = two_sources(tmp_path, {"weight": 2}, {"weight": 1})
     data_cfg = pair_mix(tmp_path, *base, max_samples=30)
     train, _, report = load_pair_splits(data_cfg, DpoConfig(), tiny_tokenizer)
@@ -288,9 +290,21 @@ def test_the_pair_cache_key_covers_every_source(tmp_path, tiny_tokenizer):
                  max_samples=30),
         pair_mix(tmp_path, *two_sources(tmp_path, {"weight": 2}, {"weight": 1, "name": "anthropic"}), max_samples=30),
     ]
-    assert len({key, *(cache_key(c, DpoConfig(), tiny_tokenizer) for c in changed)}) == 5
+    keys_before = {key, *(cache_key(c, DpoConfig(), tiny_tokenizer) for c in changed)}
+    assert len(keys_before) == 5
     hh = Path(base[1].path)
     hh.write_text(hh.read_text() + json.dumps(preference_rows(1, seed=9, layout="hh")[0]) + "\n")  # one file changes
+    key = cache_key(data_cfg, DpoConfig(), tiny_tokenizer)
+    assert key not in keys_before
+
+    # and the source of the pair code (herd.preference.TOKENIZATION_CODE), not only SFT's
+    code = tmp_path / "code"
+    code.mkdir()
+    for source in preference.TOKENIZATION_CODE:
+        shutil.copy(source, code / source.name)
+    monkeypatch.setattr(preference, "TOKENIZATION_CODE", tuple(code / s.name for s in preference.TOKENIZATION_CODE))
+    assert cache_key(data_cfg, DpoConfig(), tiny_tokenizer) == key  # the same code, the same key
+    (code / "preference.py").write_text((code / "preference.py").read_text() + "\n# changed\n")
     assert cache_key(data_cfg, DpoConfig(), tiny_tokenizer) != key
 
 

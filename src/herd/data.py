@@ -417,11 +417,12 @@ def source_fingerprint(source: Source) -> str:
     return load_hub(source)._fingerprint
 
 
-def cache_key(data_cfg: DataConfig, tokenizer, code: tuple[Path, ...] = TOKENIZATION_CODE,
-              extra: dict | None = None) -> str:
+def cache_key(data_cfg: DataConfig, tokenizer, code: tuple[Path, ...] | None = None, extra: dict | None = None) -> str:
     """What made the cached samples: every source (its data and resolved settings), the tokenizer, every
     setting (the bad-row policy too: a cache written under `skip` must not let `error` pass), and the source
-    of the code that tokenized (`code`; herd.preference passes its own, and its pair settings in `extra`)."""
+    of the code that tokenized (`code`, else TOKENIZATION_CODE; herd.preference passes its own, and its pair
+    settings in `extra`)."""
+    code = TOKENIZATION_CODE if code is None else code
     settings = {
         k: (v.value if hasattr(v, "value") else v)
         for k, v in asdict(data_cfg).items()
@@ -429,7 +430,7 @@ def cache_key(data_cfg: DataConfig, tokenizer, code: tuple[Path, ...] = TOKENIZA
     }
     payload = json.dumps(
         {
-            "code": code_fingerprint(TOKENIZATION_CODE),
+            "code": code_fingerprint(code),
             "sources": [{**asdict(s), "data": source_fingerprint(s)} for s in data_sources(data_cfg)],
             "tokenizer": tokenizer_fingerprint(tokenizer),
             "settings": settings,
