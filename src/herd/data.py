@@ -6,14 +6,15 @@ once; labels keep only assistant tokens (answer and its `</s>`) unless `assistan
 result is cached on disk under a fingerprint of the data, the tokenizer, every setting and the source of the
 code that made it.
 
-The steps, each usable on its own (a pipeline for other row kinds, e.g. preference pairs, reuses the first
-four and the mixing arithmetic):
+The steps, each usable on its own (herd.preference runs the same pipeline for preference pairs, with its own
+row converter and pool):
 
     data_sources(data_cfg)        -> [Source]: the run's data sets, every key resolved; bad combinations refused
     check_source(data_cfg)        every source's config and files, checked before anything loads
     read_rows(source, report)     -> [(where, row)]: a local .jsonl/.json/.csv/.parquet file, or load_dataset()
     row_to_messages(row, source)  -> messages, or ConversationError naming the bad-row kind
     apportion / mix_counts        how many samples each source gives (weights or counts) from its Pool
+    select_items(data_cfg, convert, make_pool) -> Selection: the mix of any row kind, split (the steps above)
     select_samples(data_cfg, tok) -> Selection: the train and eval (conversation, sample) pairs and the report
     build_splits / split_conversations / load_splits (cached): what train and infer call
 
@@ -21,6 +22,7 @@ How a mix is taken (the README's Data section says the same): each source's usab
 with a seed derived from data.seed and the source's name; each source gives its count (mix_counts) from the
 front of its order; the eval split is taken from every source in proportion to what it gave (the first of its
 share go to eval), so eval has the mix's proportions; train and eval are then shuffled together (data.seed).
+Preference pairs (method=dpo) are taken by the same rules (select_items).
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ import logging
 import random
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from math import floor
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from datasets import Dataset, load_dataset, load_from_disk
@@ -414,10 +417,12 @@ def source_fingerprint(source: Source) -> str:
     return load_hub(source)._fingerprint
 
 
-def cache_key(data_cfg: DataConfig, tokenizer) -> str:
+def cache_key(data_cfg: DataConfig, tokenizer, code: tuple[Path, ...] | None = None, extra: dict | None = None) -> str:
     """What made the cached samples: every source (its data and resolved settings), the tokenizer, every
     setting (the bad-row policy too: a cache written under `skip` must not let `error` pass), and the source
-    of the code that tokenized."""
+    of the code that tokenized (`code`, else TOKENIZATION_CODE; herd.preference passes its own, and its pair
+    settings in `extra`)."""
+    code = TOKENIZATION_CODE if code is None else code
     settings = {
         k: (v.value if hasattr(v, "value") else v)
         for k, v in asdict(data_cfg).items()
@@ -425,10 +430,11 @@ def cache_key(data_cfg: DataConfig, tokenizer) -> str:
     }
     payload = json.dumps(
         {
-            "code": code_fingerprint(TOKENIZATION_CODE),
+            "code": code_fingerprint(code),
             "sources": [{**asdict(s), "data": source_fingerprint(s)} for s in data_sources(data_cfg)],
             "tokenizer": tokenizer_fingerprint(tokenizer),
             "settings": settings,
+            **(extra or {}),
         },
         sort_keys=True,
         default=str,
@@ -466,17 +472,17 @@ def largest_mix(usable: list[int], weights: list[float]) -> int:
 class TokenizedPool:
     """A Pool of one source's (conversation, tokenized sample) pairs: its conversations in their seeded order,
     tokenized only as far as asked; rows dropped on the way (too long, nothing to train on) are counted in the
-    report."""
+    report. Another row kind (herd.preference's pairs) overrides `chars` and `keep`."""
 
-    def __init__(self, source: Source, conversations: list[tuple[str, list[dict]]], tokenizer,
-                 data_cfg: DataConfig, report: DataReport):
+    def __init__(self, source: Source, items: list[tuple[str, Any]], tokenizer, data_cfg: DataConfig,
+                 report: DataReport):
         self.source, self.pending, self.tokenizer, self.data_cfg, self.report = (
-            source, conversations, tokenizer, data_cfg, report)
+            source, items, tokenizer, data_cfg, report)
         self.examined = 0
-        self.usable: list[tuple[list[dict], dict]] = []  # (conversation, sample)
+        self.usable: list[tuple[Any, dict]] = []  # (item, sample)
         self.most_chars = data_cfg.max_seq_len * longest_token_chars(tokenizer)
 
-    def take(self, count: int | None) -> list[tuple[list[dict], dict]]:
+    def take(self, count: int | None) -> list[tuple[Any, dict]]:
         """The first `count` usable samples (fewer when the source has fewer; None: all of them)."""
         while (count is None or len(self.usable) < count) and self.examined < len(self.pending):
             chunk = self.pending[self.examined : self.examined + TOKENIZE_BATCH]
@@ -484,18 +490,26 @@ class TokenizedPool:
             self.usable += self._usable(chunk)
         return self.usable[:count] if count is not None else list(self.usable)
 
-    def _usable(self, chunk: list[tuple[str, list[dict]]]) -> list[tuple[list[dict], dict]]:
-        source, limit = self.source, self.data_cfg.max_seq_len
+    def _usable(self, chunk: list[tuple[str, Any]]) -> list[tuple[Any, dict]]:
         fitting = []
-        for where, conversation in chunk:
+        for where, item in chunk:
             # Longer than max_seq_len tokens even if every token were the longest: dropped untokenized, so a
             # huge row costs a length check, not a tokenizer pass.
-            chars = sum(len(m["content"]) for m in conversation)
+            chars = self.chars(item)
             if chars > self.most_chars:
                 self.report.add_bad("too_long", where, f"{chars} characters, more than data.max_seq_len="
-                                    f"{limit} tokens can hold", source.name)
+                                    f"{self.data_cfg.max_seq_len} tokens can hold", self.source.name)
             else:
-                fitting.append((where, conversation))
+                fitting.append((where, item))
+        return self.keep(fitting)
+
+    def chars(self, conversation: list[dict]) -> int:
+        """The characters the longest tokenized sequence of an item holds (for the untokenized length check)."""
+        return sum(len(m["content"]) for m in conversation)
+
+    def keep(self, fitting: list[tuple[str, list[dict]]]) -> list[tuple[list[dict], dict]]:
+        """The (item, sample) of each item of `fitting` that is usable once tokenized; the others counted bad."""
+        source, limit = self.source, self.data_cfg.max_seq_len
         samples = tokenize_conversations([c for _, c in fitting], self.tokenizer, self.data_cfg.assistant_only_loss)
         kept = []
         for (where, conversation), sample in zip(fitting, samples):
@@ -569,11 +583,18 @@ def _bad_note(report: DataReport, source: Source) -> str:
 
 @dataclass
 class Selection:
-    """What a run trains and evaluates on: (conversation, tokenized sample) pairs in split order."""
+    """What a run trains and evaluates on: (item, tokenized sample) pairs in split order; an item is a
+    conversation (SFT) or a herd.preference Pair."""
 
-    train: list[tuple[list[dict], dict]]
-    eval: list[tuple[list[dict], dict]]
+    train: list[tuple[Any, dict]]
+    eval: list[tuple[Any, dict]]
     report: DataReport
+
+    def datasets(self) -> tuple[Dataset, Dataset | None, DataReport]:
+        """The samples as the train and eval datasets (None: no eval split), and the report."""
+        train = Dataset.from_list([sample for _, sample in self.train])
+        evaluation = Dataset.from_list([sample for _, sample in self.eval]) if self.eval else None
+        return train, evaluation, self.report
 
 
 def _eval_count(eval_size: float, total: int) -> int:
@@ -581,9 +602,12 @@ def _eval_count(eval_size: float, total: int) -> int:
     return min(max(count, 0), total - 1)
 
 
-def select_samples(data_cfg: DataConfig, tokenizer) -> Selection:
-    """Every source read, converted and shuffled (seeded), mixed (mix_counts), tokenized as far as the mix
-    needs, and split: each source's eval share comes from the front of what it gives."""
+def select_items(data_cfg: DataConfig, convert: Callable[[dict, Source], Any],
+                 make_pool: Callable[[Source, list[tuple[str, Any]], DataReport], Pool]) -> Selection:
+    """The pipeline for any row kind: every source read, each row converted (`convert(row, source)`, raising
+    ConversationError for a bad row) and shuffled (seeded), the source's items put in a Pool (`make_pool(source,
+    [(where, item)], report)`, which tokenizes as far as asked), mixed (mix_counts) and split: each source's
+    eval share comes from the front of what it gives."""
     sources = data_sources(data_cfg)
     report = DataReport()
     pools = []
@@ -591,15 +615,15 @@ def select_samples(data_cfg: DataConfig, tokenizer) -> Selection:
         tally = report.source(source.name)
         rows = read_rows(source, report)
         tally["rows"] = len(rows) + sum(tally["bad"].values())  # and the lines that were not rows (invalid_json/csv)
-        conversations = []
+        items = []
         for where, row in rows:
             try:
-                conversations.append((source.where(where), row_to_messages(row, source)))
+                items.append((source.where(where), convert(row, source)))
             except ConversationError as error:
                 report.add_bad(error.kind, source.where(where), str(error), source.name)
         # One data set keeps data.seed's order as it always had; each source of a mix its own stream.
-        random.Random(data_cfg.seed if not source.in_mix else f"{data_cfg.seed}:{source.name}").shuffle(conversations)
-        pools.append(TokenizedPool(source, conversations, tokenizer, data_cfg, report))
+        random.Random(data_cfg.seed if not source.in_mix else f"{data_cfg.seed}:{source.name}").shuffle(items)
+        pools.append(make_pool(source, items, report))
     report.rows = sum(report.source(s.name)["rows"] for s in sources)
 
     counts = mix_counts(data_cfg, sources, pools, report)
@@ -618,6 +642,12 @@ def select_samples(data_cfg: DataConfig, tokenizer) -> Selection:
         mixer.shuffle(evaluation)
     report.train, report.eval = len(train), len(evaluation)
     return Selection(train, evaluation, report)
+
+
+def select_samples(data_cfg: DataConfig, tokenizer) -> Selection:
+    """The run's (conversation, tokenized sample) pairs: select_items with row_to_messages and TokenizedPool."""
+    return select_items(data_cfg, row_to_messages, lambda source, conversations, report: TokenizedPool(
+        source, conversations, tokenizer, data_cfg, report))
 
 
 def _described(data_cfg: DataConfig) -> str:
@@ -645,10 +675,7 @@ def check_bad_rows(data_cfg: DataConfig, report: DataReport, usable: int) -> Non
 
 def build_splits(data_cfg: DataConfig, tokenizer) -> tuple[Dataset, Dataset | None, DataReport]:
     """Tokenize from scratch (no cache): the train and eval datasets and a report of what was dropped."""
-    selection = select_samples(data_cfg, tokenizer)
-    train = Dataset.from_list([sample for _, sample in selection.train])
-    evaluation = Dataset.from_list([sample for _, sample in selection.eval]) if selection.eval else None
-    return train, evaluation, selection.report
+    return select_samples(data_cfg, tokenizer).datasets()
 
 
 def split_conversations(

@@ -1,4 +1,11 @@
-"""Preference pairs in, tokenized train/eval splits out (method=dpo): read, convert, validate, split, tokenize, cache.
+"""Preference pairs in, tokenized train/eval splits out (method=dpo): read, convert, validate, mix, split, tokenize,
+cache.
+
+A run reads one data set (data.path) or several (data.sources), each with its own split, system prompt, weight or
+samples, mixed by SFT's rules and code (herd.data.select_items): each source's usable pairs shuffled with a seed
+derived from data.seed and its name (one data set: data.seed), each giving its count (herd.data.mix_counts:
+weights or samples, data.max_samples), the eval split taken from every source in proportion, train and eval then
+shuffled together. Pairs are tokenized only as far as the mix needs (PairPool).
 
 Every row becomes a Pair: the prompt as messages ([system] user, assistant, ..., user) and two answers. The
 layouts read, decided row by row from the row's shape (no setting):
@@ -11,25 +18,24 @@ layouts read, decided row by row from the row's shape (no setting):
   (TRL's implicit-prompt layout).
 - chosen + rejected strings in the Anthropic HH format, "\\n\\nHuman: ...\\n\\nAssistant: ..." (Anthropic/hh-rlhf).
 
-Bad rows are counted by kind with their line, through data.py's policy (data.bad_rows): besides SFT's kinds
-(invalid_json, missing_field, empty, roles_out_of_order, too_long, ...), `identical` (chosen equals rejected),
-`prompt_mismatch` (the two conversations' prompts differ) and `prompt_too_long` (dpo.max_prompt_length).
+Bad rows are counted by kind with their line (in a mix, their source too), through data.py's policy
+(data.bad_rows): besides SFT's kinds (invalid_json, missing_field, empty, roles_out_of_order, too_long, ...),
+`identical` (chosen equals rejected), `prompt_mismatch` (the two conversations' prompts differ) and
+`prompt_too_long` (dpo.max_prompt_length).
 
 Each pair is formatted in the Llama-2 chat format (herd.chat_format) and tokenized as TRL's DPOTrainer
 tokenizes a conversational pair: the prompt alone (ending in "[/INST]", what generation is given) and
 prompt + answer for each answer, the answers starting where the prompt's tokens stop being a prefix of both.
-The samples (prompt_ids, chosen_ids, rejected_ids) are cached like SFT's, keyed by the data, the tokenizer,
-every setting and the source of this code.
+The samples (prompt_ids, chosen_ids, rejected_ids) are cached like SFT's, keyed by every source's data and
+settings, the tokenizer, every setting and the source of this code.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import random
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from datasets import Dataset
@@ -38,20 +44,8 @@ from herd import chat_format, data
 from herd.chat_format import ConversationError, format_llama2, validate_messages, with_system_prompt
 from herd.config.dpo import DpoConfig
 from herd.config.train import DataConfig
-from herd.data import (
-    DataReport,
-    Source,
-    check_bad_rows,
-    data_sources,
-    longest_token_chars,
-    read_cache,
-    read_rows,
-    source_fingerprint,
-    write_cache,
-)
-from herd.data import tokenizer_fingerprint as tokenizer_key
-from herd.errors import ConfigError
-from herd.paths import code_fingerprint, resolve_path
+from herd.data import DataReport, Selection, Source, TokenizedPool, read_cache, select_items, write_cache
+from herd.paths import resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -191,86 +185,59 @@ def tokenize_pairs(pairs: list[Pair], tokenizer) -> list[dict]:
 # ---------------------------------------------------------------- the pipeline
 
 
-def pair_source(data_cfg: DataConfig) -> Source:
-    """The one data set preference pairs are read from (data.path, or a single entry of data.sources)."""
-    sources = data_sources(data_cfg)
-    if len(sources) != 1:
-        raise ConfigError(f"method=dpo reads one data set; data.sources lists {len(sources)} (mixing preference "
-                          "data sets is not supported yet): give one in data.path")
-    return sources[0]
+class PairPool(TokenizedPool):
+    """A Pool of one source's (Pair, tokenized sample) pairs, tokenized only as far as the mix needs: a pair
+    whose prompt + longer answer exceeds data.max_seq_len is `too_long`, one whose prompt exceeds
+    dpo.max_prompt_length `prompt_too_long` (nothing is truncated)."""
 
+    def __init__(self, source: Source, pairs: list[tuple[str, Pair]], tokenizer, data_cfg: DataConfig,
+                 dpo_cfg: DpoConfig, report: DataReport):
+        super().__init__(source, pairs, tokenizer, data_cfg, report)
+        self.max_prompt_length = dpo_cfg.max_prompt_length
 
-def select_pairs(data_cfg: DataConfig, dpo_cfg: DpoConfig, tokenizer) -> tuple[list[Pair], list[dict], DataReport]:
-    """The usable pairs (shuffled with data.seed, subset to data.max_samples) and their samples, in split
-    order (the eval split first), as data.select_samples does for conversations."""
-    report = DataReport()
-    rows = read_rows(pair_source(data_cfg), report)
-    report.rows = len(rows) + sum(report.bad.values())
-    pairs = []
-    for where, row in rows:
-        try:
-            pairs.append((where, row_to_pair(row, data_cfg.system_prompt)))
-        except ConversationError as error:
-            report.add_bad(error.kind, where, str(error))
-    random.Random(data_cfg.seed).shuffle(pairs)
+    def chars(self, pair: Pair) -> int:
+        return sum(len(m["content"]) for m in pair.prompt) + max(len(pair.chosen), len(pair.rejected))
 
-    wanted = data_cfg.max_samples or len(pairs)
-    most_chars = data_cfg.max_seq_len * longest_token_chars(tokenizer)
-    kept: list[Pair] = []
-    samples: list[dict] = []
-    batch = 1000
-    for start in range(0, len(pairs), batch):
-        if len(samples) >= wanted:
-            break
-        chunk = []
-        for where, pair in pairs[start:start + batch]:
-            chars = sum(len(m["content"]) for m in pair.prompt) + max(len(pair.chosen), len(pair.rejected))
-            if chars > most_chars:  # longer than max_seq_len even if every token were the longest: untokenized
-                report.add_bad("too_long", where, f"{chars} characters, more than data.max_seq_len="
-                               f"{data_cfg.max_seq_len} tokens can hold")
-            else:
-                chunk.append((where, pair))
-        for (where, pair), sample in zip(chunk, tokenize_pairs([p for _, p in chunk], tokenizer)):
+    def keep(self, fitting: list[tuple[str, Pair]]) -> list[tuple[Pair, dict]]:
+        source, limit = self.source, self.data_cfg.max_seq_len
+        kept = []
+        for (where, pair), sample in zip(fitting, tokenize_pairs([p for _, p in fitting], self.tokenizer)):
             prompt = len(sample["prompt_ids"])
             longest = prompt + max(len(sample["chosen_ids"]), len(sample["rejected_ids"]))
-            if longest > data_cfg.max_seq_len:
-                report.add_bad("too_long", where, f"{longest} tokens (prompt + longer answer) > "
-                               f"data.max_seq_len={data_cfg.max_seq_len}")
-            elif dpo_cfg.max_prompt_length is not None and prompt > dpo_cfg.max_prompt_length:
-                report.add_bad("prompt_too_long", where, f"prompt of {prompt} tokens > dpo.max_prompt_length="
-                               f"{dpo_cfg.max_prompt_length}")
+            if longest > limit:
+                self.report.add_bad("too_long", where, f"{longest} tokens (prompt + longer answer) > "
+                                    f"data.max_seq_len={limit}", source.name)
+            elif self.max_prompt_length is not None and prompt > self.max_prompt_length:
+                self.report.add_bad("prompt_too_long", where, f"prompt of {prompt} tokens > dpo.max_prompt_length="
+                                    f"{self.max_prompt_length}", source.name)
             else:
-                samples.append(sample)
-                kept.append(pair)
-    kept, samples = kept[:wanted], samples[:wanted]
-    check_bad_rows(data_cfg, report, len(samples))
-    return kept, samples, report
+                kept.append((pair, sample))
+        return kept
+
+
+def select_pairs(data_cfg: DataConfig, dpo_cfg: DpoConfig, tokenizer) -> Selection:
+    """The train and eval (Pair, sample) pairs of data.path or the data.sources mix, by the rules
+    data.select_samples takes conversations by (herd.data.select_items)."""
+    return select_items(data_cfg, lambda row, source: row_to_pair(row, source.system_prompt),
+                        lambda source, pairs, report: PairPool(source, pairs, tokenizer, data_cfg, dpo_cfg, report))
 
 
 def split_pairs(data_cfg: DataConfig, dpo_cfg: DpoConfig, tokenizer) -> tuple[list[Pair], list[Pair], DataReport]:
     """The train and eval pairs, exactly those build_pair_splits tokenizes, in the same order."""
-    pairs, _, report = select_pairs(data_cfg, dpo_cfg, tokenizer)
-    n_eval = data._eval_count(data_cfg.eval_size, len(pairs))
-    report.train, report.eval = len(pairs) - n_eval, n_eval
-    return pairs[n_eval:], pairs[:n_eval], report
+    selection = select_pairs(data_cfg, dpo_cfg, tokenizer)
+    return [p for p, _ in selection.train], [p for p, _ in selection.eval], selection.report
 
 
 def build_pair_splits(data_cfg: DataConfig, dpo_cfg: DpoConfig, tokenizer) -> tuple[Dataset, Dataset | None,
                                                                                       DataReport]:
-    _, samples, report = select_pairs(data_cfg, dpo_cfg, tokenizer)
-    n_eval = data._eval_count(data_cfg.eval_size, len(samples))
-    report.train, report.eval = len(samples) - n_eval, n_eval
-    return (Dataset.from_list(samples[n_eval:]), Dataset.from_list(samples[:n_eval]) if n_eval else None, report)
+    return select_pairs(data_cfg, dpo_cfg, tokenizer).datasets()
 
 
 def cache_key(data_cfg: DataConfig, dpo_cfg: DpoConfig, tokenizer) -> str:
-    """The data, the tokenizer, every data setting and the pair settings, and the source of this code."""
-    settings = {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(data_cfg).items()
-                if k not in ("name", "cache_dir")}
-    payload = json.dumps({"code": code_fingerprint(TOKENIZATION_CODE), "source": source_fingerprint(pair_source(data_cfg)),
-                          "tokenizer": tokenizer_key(tokenizer), "settings": settings,
-                          "max_prompt_length": dpo_cfg.max_prompt_length}, sort_keys=True, default=str)
-    return "pairs-" + hashlib.sha256(payload.encode()).hexdigest()[:20]
+    """SFT's key (every source's data and settings, the tokenizer, every data setting) over this code, and the
+    pair settings."""
+    return "pairs-" + data.cache_key(data_cfg, tokenizer, TOKENIZATION_CODE,
+                                     extra={"max_prompt_length": dpo_cfg.max_prompt_length})
 
 
 def load_pair_splits(data_cfg: DataConfig, dpo_cfg: DpoConfig, tokenizer) -> tuple[Dataset, Dataset | None,
