@@ -243,7 +243,6 @@ def test_sigkill_after_a_step_then_same_command_resumes_exactly(dpo_from_sft, tr
         [e["train/rewards/margins"] for e in straight], rel=1e-4, abs=1e-7)
 
 
-@pytest.mark.slow  # make test-all; its fast siblings run by default
 def test_separate_reference_gives_the_shared_references_steps(dpo_from_sft, trained_run, tmp_path):
     # The same reference policy held twice: a second 4-bit base with the SFT adapter, against the frozen
     # copy of the adapter on the policy's own base. Two steps (cosine from step 1: the same learning rates).
@@ -326,7 +325,7 @@ def test_infer_evaluates_generates_merges_and_chats_from_a_dpo_run(dpo_from_sft,
     assert output.exists() and output.read_text().count("\n") > 0
     merged = merge.run(check_config("infer", [f"run_dir={run_dir}", f"merge.output={tmp_path / 'merged'}"]))
     assert json.loads((merged / "herd_merge.json").read_text())["max_logit_difference"] < 1e-3  # merge's own check
-    monkeypatch.setattr("sys.stdin", io.StringIO("How do I make pancakes?\n"))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"How do I make pancakes?\n")))  # piped
     turns = chat.run(check_config("infer", [f"run_dir={run_dir}", "chat.max_new_tokens=4"]))
     assert [turn["role"] for turn in turns] == ["user", "assistant"]
 
