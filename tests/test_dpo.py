@@ -403,3 +403,18 @@ def test_planner_plans_the_lora_layout_of_the_sft_run_it_starts_from(tmp_path, c
     from_sft, fresh = planned(f"dpo.sft_run={sft_run}"), planned()
     assert "LoRA r=64 on q,k,v,o,gate,up,down" in from_sft and "reference adapter_copy" in from_sft
     assert "LoRA r=8 on q,k,v,o,gate,up,down" in fresh and "reference adapter_off" in fresh
+
+
+def test_a_separate_reference_under_zero3_is_prepared_by_trl_and_trains(tmp_path):
+    """dpo.reference=separate with a sharding strategy: TRL prepares the second 4-bit base for DeepSpeed
+    (prepare_deepspeed) next to the partitioned policy; 2 ranks, from the base."""
+    run_dir = tmp_path / "run"
+    result = launch(tmp_path, *DPO, "strategy=zero3", "dpo.reference=separate", "train.max_steps=2",
+                    "data.eval_size=4", "train.eval_steps=100", f"data.cache_dir={REPO / '.herd/cache/tokenized'}",
+                    f"output_dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["dpo"]["reference"] == "separate model" and metrics["distributed"]["zero_stage"] == 3
+    assert metrics["distributed"]["partitioned_parameters"] > 0
+    assert metrics["eval_rewards_before"]["rewards/margins"] == 0.0  # policy and reference start equal
+    assert metrics["eval_rewards_after"]["rewards/margins"] > 0
