@@ -23,6 +23,8 @@ import argparse
 import dataclasses
 import gc
 import json
+import os
+import random
 import resource
 import sys
 import tempfile
@@ -48,10 +50,28 @@ SIDES = {
     "herd-no-checkpointing": "herd without gradient checkpointing (herd's auto setting on CPU)",
 }
 PAIRS = REPO / "data" / "sample" / "preference_sample.jsonl"
+SEED = 42  # herd's data.seed and both trainers' seed: the same pair order and sampler on both sides
+
+
+class StepClock(StepTimer):
+    """StepTimer plus each step's CPU time (all of the process's threads): on a shared machine other work
+    stretches a step's wall time far more than its CPU time."""
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        super().on_step_begin(args, state, control, **kwargs)
+        self.cpu_started = time.process_time()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        super().on_step_end(args, state, control, **kwargs)
+        self.cpu_steps = [*getattr(self, "cpu_steps", []), time.process_time() - self.cpu_started]
 
 
 def read_pairs(path: Path) -> list[Pair]:
-    return [row_to_pair(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    """The data's pairs, shuffled as herd.preference.select_pairs shuffles them before it drops long ones:
+    where it drops none, both sides' trainers draw the same pairs into the same batches."""
+    pairs = [row_to_pair(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    random.Random(SEED).shuffle(pairs)
+    return pairs
 
 
 def text_rows(pairs: list[Pair]) -> list[dict]:
@@ -80,11 +100,11 @@ def herd_trainer(args, model_dir: Path, tokenizer, output_dir: str, callbacks, c
         model=ModelConfig(name=args.shape, path=str(model_dir)),
         # A fresh cache per side process: the first run's cost (tokenize, write, read back) is what is timed.
         data=DataConfig(name="sample-pairs", path=args.pairs, max_seq_len=args.seq_len, eval_size=0,
-                        cache_dir=str(Path(output_dir) / "cache")),
+                        seed=SEED, cache_dir=str(Path(output_dir) / "cache")),
         peft=PeftConfig(),
         train=TrainConfig(max_steps=args.warmup + args.steps, micro_batch_size=args.micro_batch,
                           global_batch_size=args.micro_batch, learning_rate=5e-5, warmup_ratio=0.1,
-                          logging_steps=1, save_steps=10**6,
+                          logging_steps=1, save_steps=10**6, seed=SEED,
                           optimizer="paged_adamw_32bit" if args.device == "cuda" else "adamw_torch",
                           gradient_checkpointing=checkpointing),
         strategy=StrategyConfig(), output_dir=output_dir, method=Method.dpo, dpo=DpoConfig(beta=args.beta),
@@ -147,7 +167,7 @@ def pair_counts(trainer, total: int, max_length: int, report=None) -> dict:
 
 
 def measure(side: str, args, model_dir: Path, tokenizer) -> dict:
-    timer = StepTimer(args.device)
+    timer = StepClock(args.device)
     started = time.perf_counter()
     pairs = read_pairs(Path(args.pairs))
     with tempfile.TemporaryDirectory() as output_dir:
@@ -172,16 +192,19 @@ def measure(side: str, args, model_dir: Path, tokenizer) -> dict:
     measured = timer.steps[args.warmup:]
     seconds = sum(t for t, _ in measured)
     tokens = sum(n for _, n in measured)
+    cpu_seconds = sum(timer.cpu_steps[args.warmup:])
     result = {
         "side": side, "steps_measured": len(measured), "step_time_s": seconds / len(measured),
         "pair_tokens_per_s": tokens / seconds, "pair_tokens_per_step": tokens / len(measured),
         "pairs_per_s": args.micro_batch * len(measured) / seconds,
+        "step_cpu_s": cpu_seconds / len(measured), "pair_tokens_per_cpu_s": tokens / cpu_seconds,
         "time_to_first_step_s": timer.first_step_at - started,  # from this side's setup, imports done
         "first_step_wall_clock": timer.first_step_wall,
         "final_loss": losses[-1], "first_loss": losses[0], **ran, "pairs": counts,
         "peak_allocated_gb": peak_allocated,
         # ru_maxrss: KiB on Linux, the whole side process (imports, loading, tokenization, training)
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "load_average_1m": os.getloadavg()[0],  # other work on the machine while this side ran
     }
     print(json.dumps(result), flush=True)
     return result
