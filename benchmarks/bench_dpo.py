@@ -115,11 +115,11 @@ def herd_trainer(args, model_dir: Path, tokenizer, output_dir: str, callbacks, c
                                            gradient_checkpointing=checkpointing, strategy_setup=decided)
     training_args.disable_tqdm = True
     # The fields of the recipe's RunSetup that dpo.load_policy / load_reference read.
+    peft_cfg = dataclasses.replace(dpo.policy_peft(job, str(model_dir)), quant_storage=decided.quant_storage)
     setup = SimpleNamespace(job=job, strategy=decided, dtype=dtype, location=str(model_dir),
-                            gradient_checkpointing=checkpointing)
-    peft_cfg = dataclasses.replace(dpo.policy_peft(job, setup.location), quant_storage=decided.quant_storage)
-    model = dpo.load_policy(setup, peft_cfg)
-    trainer = dpo.build_trainer(model, dpo.load_reference(setup, peft_cfg), training_args, train_data, None,
+                            gradient_checkpointing=checkpointing, peft=peft_cfg)
+    model = dpo.load_policy(setup)
+    trainer = dpo.build_trainer(model, dpo.load_reference(setup), training_args, train_data, None,
                                 tokenizer, callbacks, decided, from_sft=False)
     return model, trainer, report
 
