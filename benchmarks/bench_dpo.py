@@ -14,7 +14,7 @@ what the trainer counts), step time, peak RSS (CPU) or peak allocated memory (GP
 finished step, the final loss, and what really ran (reference, gradient checkpointing, adapter dtype, who
 tokenized the pairs and attached LoRA). Warm-up steps are left out of the timings.
 
-    python benchmarks/bench_dpo.py --shape small --device cpu --steps 6 --warmup 2 --out results/cpu_small_dpo.json
+    python benchmarks/bench_dpo.py --shape small --device cpu --seq-len 1024 --rounds 2 --out results/cpu_small_dpo.json
 """
 
 from __future__ import annotations
@@ -57,13 +57,17 @@ class StepClock(StepTimer):
     """StepTimer plus each step's CPU time (all of the process's threads): on a shared machine other work
     stretches a step's wall time far more than its CPU time."""
 
+    def __init__(self, device: str) -> None:
+        super().__init__(device)
+        self.cpu_steps: list[float] = []
+
     def on_step_begin(self, args, state, control, **kwargs):
         super().on_step_begin(args, state, control, **kwargs)
         self.cpu_started = time.process_time()
 
     def on_step_end(self, args, state, control, **kwargs):
         super().on_step_end(args, state, control, **kwargs)
-        self.cpu_steps = [*getattr(self, "cpu_steps", []), time.process_time() - self.cpu_started]
+        self.cpu_steps.append(time.process_time() - self.cpu_started)
 
 
 def read_pairs(path: Path) -> list[Pair]:

@@ -293,7 +293,8 @@ def train_and_finish(setup: RunSetup, cfg: DictConfig, built: Built, preemption:
         built.tokenizer.save_pretrained(str(adapter_dir))
         share_per_umask(adapter_dir)
         write_records(setup, cfg, built, (first, final), facts)
-        print(f"eval loss {before} -> {after}" if before is not None else f"eval loss {after}")
+        if after is not None:  # no eval split (data.eval_size=0): nothing to report
+            print(f"eval loss {before} -> {after}" if before is not None else f"eval loss {after}")
         if setup.job.method == Method.dpo and final:
             print(dpo.margin_line(first, final))
         print(f"adapter: {adapter_dir}\nrun directory: {run_dir}", flush=True)
