@@ -62,6 +62,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=f"needs {needed} CUDA GPU(s), found {found}"))
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """os.environ as it was before the test: in-process launch code (prepare_launch, start_processes) writes
+    ranks and a rendezvous port there, and a later test's training process would inherit them (under
+    pytest-xdist that port may meanwhile belong to the other worker's processes: EADDRINUSE)."""
+    saved = dict(os.environ)
+    yield
+    for key in set(os.environ) - set(saved):
+        del os.environ[key]
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """herd's deterministic tiny Llama, in the repo's .herd cache (built on first use, then reused)."""

@@ -8,7 +8,9 @@ from importlib.metadata import packages_distributions
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-LOCAL = {"herd", "train", "infer", "tests", "benchmarks", "bench_train", "baseline_sft", "conftest", "wandb_reader"}
+# The project's own top-level names: its packages, and the benchmark scripts that import each other.
+LOCAL = {"herd", "train", "infer", "tests", "benchmarks", "conftest", "wandb_reader",
+         *(path.stem for path in (REPO / "benchmarks").glob("*.py"))}
 # Declared but never imported by name: loaded by another package at run time.
 RUNTIME_ONLY = {"deepspeed"}  # accelerate imports it for strategy=zero2|zero3|zero3_offload
 
